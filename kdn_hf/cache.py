@@ -1,0 +1,152 @@
+"""KDNCache: a transformers ``DynamicCache`` pre-filled with composed chunk KV.
+
+``KDN.prepare`` builds one; pass it to stock ``model.generate`` (under
+``past_key_values=``, or ``cache=`` on transformers >= 5.24) together with
+prompt ids that *extend* the ids it covers: generate then prefills only the
+uncovered tail, at the right positions, because ``get_seq_length()`` reports
+exactly the number of cached tokens (never fewer: SDPA would silently drop
+keys).
+
+Each layer is a :class:`KDNLayer`, a ``DynamicLayer`` that also records the
+position of every cached token, taken from the ``position_ids`` the model
+passes to ``update``. Two traps of stock generate are handled here:
+
+- A cache that covers *every* input id makes generate feed the whole input
+  again, at positions already cached, with a mask that puts those tokens
+  after the cache: attention would be silently wrong. The layer sees fed
+  positions below its length and raises KDNCacheError before anything is
+  computed, saying to leave at least one token uncached.
+- ``num_return_sequences`` / beam search run with batch > 1 but never expand
+  a user-supplied cache: a layer holding batch 1 expands itself to the batch
+  of the first update that asks for more.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from kdn_hf.errors import KDNCacheError
+
+log = logging.getLogger("kdn_hf.cache")
+
+
+def _positions_from_update_args(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """position_ids [q] of the tokens being appended, from whichever form this
+    transformers version passes: ``kwargs=`` dict (>= 5.24) or a positional
+    ``cache_kwargs`` dict (older)."""
+    sources: list[Any] = [kwargs.get("kwargs"), kwargs.get("cache_kwargs"), kwargs]
+    sources += [a for a in args if isinstance(a, dict)]
+    for src in sources:
+        if not isinstance(src, dict):
+            continue
+        for name in ("position_ids", "cache_position"):
+            p = src.get(name)
+            if isinstance(p, torch.Tensor):
+                if p.dim() == 3:  # multimodal (3, B, q): text position is the first row
+                    p = p[0]
+                return p[0] if p.dim() == 2 else p
+    return None
+
+
+class KDNLayer(DynamicLayer):
+    """A DynamicLayer that knows the position of every cached token.
+
+    keys/values: [batch, kv_heads, tokens, head_dim]; positions: [tokens] int64.
+    """
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.positions = torch.zeros(0, dtype=torch.long)
+        if keys is not None:
+            if values is None or positions is None:
+                raise ValueError("KDNLayer needs keys, values and positions together")
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
+            self.positions = positions.to(torch.long).cpu()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[-2]
+        cached = self.get_seq_length()
+        pos = _positions_from_update_args(args, kwargs)
+        pos = torch.arange(cached, cached + q) if pos is None else pos.detach().to("cpu", torch.long)
+        if cached and q and int(pos[0]) < cached:
+            raise KDNCacheError(
+                f"the model fed {q} tokens at positions {int(pos[0])}..{int(pos[-1])}, but this cache already "
+                f"holds {cached} tokens there. Stock generate re-feeds the whole input when the cache covers "
+                f"every input id, and that forward would attend to the wrong positions. Pass prompt ids with "
+                f"at least one token more than cache.token_ids, e.g. cache = kdn.prepare(chunks[:-1]) and "
+                f"the question as the last chunk."
+            )
+        if cached and self.keys.shape[0] == 1 and key_states.shape[0] > 1:
+            # num_return_sequences / beams: generate never expands a cache it did not create
+            b = key_states.shape[0]
+            self.keys = self.keys.expand(b, *self.keys.shape[1:]).contiguous()
+            self.values = self.values.expand(b, *self.values.shape[1:]).contiguous()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, pos])
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.positions = self.positions[: self.get_seq_length()]
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+
+class KDNCache(DynamicCache):
+    """The composed KV of a prompt's chunks, usable wherever transformers takes a Cache.
+
+    kv:          [layers, 2, kv_heads, tokens, head_dim] (batch 1), model dtype and device.
+    positions:   [tokens] int64, the position each K is rotated to (0..tokens-1 for a prompt).
+    token_ids:   [tokens] int64, the ids the cache was prepared from.
+    chunk_spans: ``(start, end)`` token slots of each chunk, in prompt order.
+    stats:       what preparing it cost (hits, misses, tokens computed), or None.
+
+    ``token_ids`` and ``chunk_spans`` describe the prepared prefix; tokens that
+    generate appends later are in the layers (and their ``positions``) only.
+    """
+
+    def __init__(self, kv: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                 token_ids: torch.Tensor | None = None, chunk_spans: Sequence[tuple[int, int]] = (),
+                 stats: Any = None) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = KDNLayer
+        self.chunk_spans = [tuple(s) for s in chunk_spans]
+        self.stats = stats
+        if kv is None:  # empty: layers are created by the first forward
+            self.layers = []
+            self.token_ids = torch.zeros(0, dtype=torch.long)
+            return
+        if positions is None or token_ids is None:
+            raise ValueError("KDNCache needs positions and token_ids with kv")
+        if kv.dim() != 5 or kv.shape[1] != 2:
+            raise ValueError(f"kv must be [layers, 2, kv_heads, tokens, head_dim], got {tuple(kv.shape)}")
+        n = kv.shape[3]
+        if positions.shape != (n,) or token_ids.shape != (n,):
+            raise ValueError(
+                f"kv holds {n} tokens but positions is {tuple(positions.shape)} and token_ids "
+                f"{tuple(token_ids.shape)}"
+            )
+        self.layers = [
+            KDNLayer(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), positions) for i in range(kv.shape[0])
+        ]
+        self.token_ids = token_ids.to(torch.long).cpu()
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[tokens] int64 positions of layer 0 (every layer holds the same)."""
+        return self.layers[0].positions if self.layers else torch.zeros(0, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return (f"KDNCache(layers={len(self.layers)}, tokens={self.get_seq_length()}, "
+                f"chunks={len(self.chunk_spans)})")

@@ -1,0 +1,145 @@
+"""The ``kdn`` command line.
+
+    kdn ingest docs/ --max-tokens 512          store every chunk's KV
+    kdn ask --doc a.md --doc b.md "question"   answer, TTFT and hit stats
+    kdn store stats                            what the store holds
+    kdn demo                                   full vs reuse, cold and warm store
+
+Every command takes ``--store`` (a path, ``file://``, ``memory://``; repeat it
+for a tier chain, fastest first), ``--model`` (a bundled name or a local
+model directory) and ``--namespace``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from kdn_hf.errors import KDNError
+
+
+def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+    p.add_argument("--store", action="append", default=None,
+                   help="store URL or path (repeat for a tier chain, fastest first); default: KDN_HOME/store")
+    if model:
+        p.add_argument("--model", default="smollm2-135m", help="bundled model name or local model directory")
+        p.add_argument("--namespace", default="default", help="tenant namespace of the stored entries")
+
+
+def _kdn(args):
+    from kdn_hf import KDN
+
+    return KDN.from_pretrained(args.model, store=args.store, namespace=args.namespace)
+
+
+def _doc_chunks(kdn, paths, max_tokens: int) -> list[str]:
+    from kdn_hf.chunking import chunk_text, collect_files, read_text
+
+    chunks: list[str] = []
+    for f in collect_files(paths):
+        chunks += chunk_text(read_text(f), kdn.tokenizer, max_tokens)
+    return chunks
+
+
+def cmd_ingest(args) -> int:
+    kdn = _kdn(args)
+    chunks = _doc_chunks(kdn, args.paths, args.max_tokens)
+    before = {k: v.entries for k, v in kdn.store.stats().items()}
+    keys = kdn.ingest(chunks, progress=True)
+    after = kdn.store.stats()
+    new = sum(after[k].entries - before.get(k, 0) for k in after)
+    print(f"ingested {len(chunks)} chunks ({len(set(keys))} distinct, {max(new, 0)} new entries) into "
+          f"{', '.join(after)}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    kdn = _kdn(args)
+    chunks = _doc_chunks(kdn, args.doc, args.max_tokens) if args.doc else []
+    if args.system:
+        chunks.insert(0, args.system.rstrip() + "\n\n")
+    chunks.append(args.question)
+    res = kdn.generate(chunks, max_new_tokens=args.max_new_tokens, mode=args.mode)
+    s = res.stats
+    if args.json:
+        print(json.dumps({"text": res.text, "stats": s.as_dict()}, indent=1))
+        return 0
+    print(res.text.strip())
+    print(f"\n[{s.mode}] TTFT {s.ttft_s * 1000:.0f} ms | prompt {s.tokens_total} tokens, "
+          f"{s.tokens_reused} reused, {s.tokens_computed} computed | hits {s.hits or 0}, misses {s.misses}, "
+          f"{s.bytes_loaded / 2**20:.1f} MiB loaded", file=sys.stderr)
+    return 0
+
+
+def cmd_store_stats(args) -> int:
+    from kdn_hf.store import open_store
+
+    store = open_store(args.store)
+    stats = {name: st.as_dict() for name, st in store.stats().items()}
+    if args.json:
+        print(json.dumps(stats, indent=1))
+        return 0
+    for name, st in stats.items():
+        print(f"{name:10s} {st['entries']:6d} entries  {st['bytes_used'] / 2**20:9.1f} MiB used of "
+              f"{st['byte_budget'] / 2**20:.0f} MiB")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from kdn_hf.demo import run_demo
+
+    run_demo(store=args.store, model=args.model, reps=args.reps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kdn", description="kdn_hf: reusable KV caches for LLM knowledge")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log store and cache events")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="chunk files and store each chunk's KV")
+    p.add_argument("paths", nargs="+", help="files or folders (.txt/.md/.rst, recursive)")
+    p.add_argument("--max-tokens", type=int, default=512, help="chunk size limit in tokens (paragraphs are packed)")
+    _common(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("ask", help="answer a question over documents, reusing stored KV")
+    p.add_argument("question")
+    p.add_argument("--doc", action="append", default=[], help="a document file or folder (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt placed before the documents")
+    p.add_argument("--mode", default="reuse", choices=["full", "prefix", "reuse"])
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=512, help="chunk size used when the docs were ingested")
+    p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("store", help="inspect the store")
+    ssub = p.add_subparsers(dest="store_command", required=True)
+    q = ssub.add_parser("stats", help="entries and bytes per tier")
+    q.add_argument("--json", action="store_true")
+    _common(q, model=False)
+    q.set_defaults(func=cmd_store_stats)
+
+    p = sub.add_parser("demo", help="full vs reuse on the bundled model, cold and warm store")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KDNError as e:
+        print(f"kdn: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,547 @@
+"""RoPE re-rotation: move cached K from the positions it was computed at to new ones.
+
+Why it is exact. RoPE rotates each pair of K's rotary dims by an angle ``p * w_i``
+(``p`` the token position, ``w_i`` the pair's inverse frequency), and
+transformers caches K *after* that rotation::
+
+    K_cached(p) = s * R(p * w) @ K_raw          R(a) = [[cos a, -sin a], [sin a, cos a]] per pair
+
+(``s`` is the module's ``attention_scaling``: 1 except for yarn/longrope, where
+HF multiplies cos and sin by it). Rotations of a plane compose by adding
+angles, so for the same token at position ``p' = p + delta``::
+
+    K_cached(p') = s * R(p' * w) @ K_raw = R(delta * w) @ K_cached(p)
+
+The factor ``s`` is already in the stored K and must not be applied again.
+``K_raw`` (the projection of the hidden state) depends on the token and its
+context but not on absolute positions (RoPE attention only sees differences),
+so a sequence moved as a whole gets exactly this K on every layer; a chunk
+moved next to other context keeps its chunk-alone ``K_raw``, which is what
+blending (``kdn_hf/blend``) corrects. The identity holds for every layer whose
+frequencies ``w`` stay fixed: default, linear, llama3, yarn, proportional,
+partial rotary (only the first ``rotary_dim`` dims rotate; the rest pass
+through), per-layer-type bases (Gemma3 local/global) and layers without RoPE
+(``no_rope_layers``, SmolLM3/Llama4), which are left alone. Longrope is exact
+while every position stays below ``original_max_position_embeddings`` (HF then
+uses the short factors for the whole sequence); past it the model switches to
+the long factors, and :class:`RopeSpec.max_position` records that bound.
+Dynamic NTK changes ``w`` with the sequence length, so it is refused.
+
+Precision: the angle is ``delta * w`` computed in float64 from the integer
+delta, which is more exact than subtracting two large angles; cos/sin are then
+cast to float32 (float64 for float64 K) and the rotation runs in that dtype.
+HF itself computes ``p * w`` in float32, so its own K at position p is off by up
+to ~p * 2**-24 rad; against a stock model at p ~ 2000 that, not this code, sets
+the error floor (~1e-4 relative to |K|).
+
+Pair layouts (``RopeSpec.layout``), ``n = rotary_dim // 2``:
+
+- ``"half"`` (rotate_half; Llama, Qwen, Gemma, GPT-NeoX, Phi): pair i is dims (i, i + n).
+- ``"interleaved"`` (GPT-J, CodeGen, Cohere): pair i is dims (2i, 2i + 1).
+
+Everything is read from the model's own rotary module (its ``inv_freq``
+buffers, and its cos/sin output for the layout), with the config used for
+geometry and the rope type; nothing here is a per-architecture table. One
+convention cannot be seen in the module's output: a module that returns one
+cos/sin per frequency leaves the pairing to the attention code, and a modeling
+file defining ``rotate_every_two`` (GPT-J, CodeGen) means neighbours pair up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kdn_hf.errors import ConfigError, InputError, UnsupportedRopeError
+
+LAYOUTS = ("half", "interleaved")
+# Rope types whose frequencies do not depend on the sequence length.
+STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn", "proportional"})
+# Static below a known position, switching frequencies past it.
+BOUNDED_ROPE_TYPES = frozenset({"longrope"})
+
+_REFUSE_HINT = (
+    "use mode='full' (ordinary prefill) for this model, or a model with static RoPE "
+    f"({', '.join(sorted(STATIC_ROPE_TYPES | BOUNDED_ROPE_TYPES))})"
+)
+
+
+@dataclass(frozen=True, eq=False)
+class RopeFrequencies:
+    """One set of rotary frequencies, shared by every layer that uses it.
+
+    inv_freq:          [rotary_dim // 2] float64 on CPU, the w_i of each rotated pair.
+    rope_type:         the HF rope type that produced them ("default", "llama3", ...).
+    attention_scaling: the factor HF multiplies cos/sin by (already inside cached K;
+                       kept for the fingerprint, never applied by re-rotation).
+    name:              the layer type these belong to ("sliding_attention"), "" when
+                       the model has a single set.
+    """
+
+    inv_freq: torch.Tensor
+    rope_type: str
+    attention_scaling: float = 1.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.inv_freq.dim() != 1 or not self.inv_freq.is_floating_point():
+            raise ConfigError(
+                f"RopeFrequencies.inv_freq must be a 1-D float tensor, got shape "
+                f"{tuple(self.inv_freq.shape)} dtype {self.inv_freq.dtype}"
+            )
+        object.__setattr__(self, "inv_freq", self.inv_freq.detach().to("cpu", torch.float64))
+
+
+@dataclass(frozen=True, eq=False)
+class RopeSpec:
+    """What re-rotation needs to know about a model's RoPE, per layer.
+
+    freqs:            the distinct frequency sets.
+    layer_freq_index: per model layer, an index into ``freqs``; -1 = the layer has no RoPE.
+    rotary_dim:       number of leading head dims that rotate (even, <= head_dim).
+    head_dim:         K's last dim.
+    layout:           "half" (rotate_half pairs (i, i+n)) or "interleaved" (pairs (2i, 2i+1)).
+    max_position:     positions must stay below this for the frequencies to hold
+                      (longrope's original_max_position_embeddings); None = no bound.
+
+    Compare specs with ``describe()``; tensors make dataclass equality meaningless.
+    """
+
+    freqs: tuple[RopeFrequencies, ...]
+    layer_freq_index: tuple[int, ...]
+    rotary_dim: int
+    head_dim: int
+    layout: str = "half"
+    max_position: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"RopeSpec.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.rotary_dim <= 0 or self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
+            raise ConfigError(
+                f"RopeSpec.rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}"
+            )
+        for f in self.freqs:
+            if f.inv_freq.numel() != self.rotary_dim // 2:
+                raise ConfigError(
+                    f"frequency set {f.name or f.rope_type!r} has {f.inv_freq.numel()} frequencies, "
+                    f"expected rotary_dim // 2 = {self.rotary_dim // 2}"
+                )
+        bad = [i for i in self.layer_freq_index if not -1 <= i < len(self.freqs)]
+        if bad:
+            raise ConfigError(
+                f"RopeSpec.layer_freq_index entries must be -1 or in [0, {len(self.freqs)}), got {bad}"
+            )
+        if self.max_position is not None and self.max_position <= 0:
+            raise ConfigError(f"RopeSpec.max_position must be positive or None, got {self.max_position}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_freq_index)
+
+    @property
+    def rope_type(self) -> str:
+        """The rope type, or the distinct types joined by '+' (Gemma3: 'default+linear')."""
+        return "+".join(sorted({f.rope_type for f in self.freqs})) or "none"
+
+    def inv_freq(self, layer_idx: int) -> torch.Tensor | None:
+        """[rotary_dim // 2] float64 frequencies of one layer; None if it has no RoPE."""
+        i = self.layer_freq_index[layer_idx]
+        return None if i < 0 else self.freqs[i].inv_freq
+
+    def check_positions(self, max_pos: int) -> None:
+        """Raise UnsupportedRopeError if position ``max_pos`` is past ``max_position``.
+
+        Callers that know the whole prompt length should call this with it:
+        longrope picks its frequencies from the longest position in the forward.
+        """
+        if self.max_position is not None and max_pos >= self.max_position:
+            raise UnsupportedRopeError(
+                f"position {max_pos} is past {self.max_position}, where this model's {self.rope_type} RoPE "
+                f"switches to different frequencies for the whole sequence; K stored with the short "
+                f"frequencies cannot be re-rotated exactly there. Keep prompts under {self.max_position} "
+                f"tokens or {_REFUSE_HINT}"
+            )
+
+    def describe(self) -> dict:
+        """A JSON-able canonical description (exact float values), for fingerprints."""
+        return {
+            "layout": self.layout,
+            "rotary_dim": self.rotary_dim,
+            "head_dim": self.head_dim,
+            "num_layers": self.num_layers,
+            "max_position": self.max_position,
+            "layer_freq_index": list(self.layer_freq_index),
+            "freqs": [
+                {
+                    "name": f.name,
+                    "rope_type": f.rope_type,
+                    "attention_scaling": float(f.attention_scaling),
+                    "inv_freq": [float(x) for x in f.inv_freq.tolist()],
+                }
+                for f in self.freqs
+            ],
+        }
+
+
+# --------------------------------------------------------------------------- re-rotation
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cos_sin(delta: torch.Tensor | int, inv_freq: torch.Tensor, device: torch.device, dtype: torch.dtype):
+    """cos/sin of delta * w: [n] for an int delta, [tokens, n] for a [tokens] delta."""
+    # float64 is not available on every backend (mps); there the angles are made on CPU.
+    where = device if device.type in ("cpu", "cuda") else torch.device("cpu")
+    w = inv_freq.to(where, torch.float64)
+    if isinstance(delta, int):
+        ang = float(delta) * w  # exact: |delta| < 2**53
+    else:
+        ang = delta.to(where, torch.float64)[:, None] * w
+    return ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+
+
+def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
+    """Rotate k [..., tokens, head_dim] by angles whose cos/sin are [n] or [tokens, n]."""
+    kc = k.to(cos.dtype)
+    n = rotary_dim // 2
+    if layout == "half":
+        x1, x2 = kc[..., :n], kc[..., n:rotary_dim]
+        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        pairs = kc[..., :rotary_dim].unflatten(-1, (n, 2))  # [..., tokens, n, 2]
+        a, b = pairs[..., 0], pairs[..., 1]
+        rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    if rotary_dim < k.shape[-1]:
+        rot = torch.cat((rot, kc[..., rotary_dim:]), dim=-1)
+    return rot.to(k.dtype)
+
+
+def _as_positions(pos: torch.Tensor, name: str, tokens: int) -> torch.Tensor:
+    is_tensor = isinstance(pos, torch.Tensor)
+    if not is_tensor or pos.shape != (tokens,) or pos.is_floating_point() or pos.is_complex():
+        found = f"shape {tuple(pos.shape)} dtype {pos.dtype}" if is_tensor else type(pos).__name__
+        raise InputError(f"{name} must be an integer tensor of shape [{tokens}] (one per token), got {found}")
+    return pos.to(torch.int64)
+
+
+def rerotate_layer(k: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec, layer_idx: int) -> torch.Tensor:
+    """Move one layer's K by ``delta`` positions.
+
+    k:     [..., tokens, head_dim] post-RoPE K of model layer ``layer_idx``, any float dtype/device.
+    delta: an int (every token moves the same) or a [tokens] int64 tensor (new - old position).
+    Returns a new tensor, same shape and dtype. Does not check ``spec.max_position``:
+    the caller knows the prompt length and calls ``spec.check_positions``.
+    """
+    if k.shape[-1] != spec.head_dim or k.dim() < 2:
+        raise InputError(f"k must be [..., tokens, head_dim={spec.head_dim}], got shape {tuple(k.shape)}")
+    if not 0 <= layer_idx < spec.num_layers:
+        raise InputError(f"layer_idx must be in [0, {spec.num_layers}), got {layer_idx}")
+    if isinstance(delta, torch.Tensor) and delta.dim() == 0:
+        delta = int(delta)
+    if isinstance(delta, torch.Tensor):
+        delta = _as_positions(delta, "delta", k.shape[-2])
+    else:
+        delta = operator.index(delta)
+    w = spec.inv_freq(layer_idx)
+    if w is None or (isinstance(delta, int) and delta == 0):
+        return k.clone()
+    cos, sin = _cos_sin(delta, w, k.device, _compute_dtype(k.dtype))
+    return _rotate(k, cos, sin, spec.layout, spec.rotary_dim)
+
+
+def rerotate(
+    keys: torch.Tensor,
+    from_pos: torch.Tensor,
+    to_pos: torch.Tensor,
+    spec: RopeSpec,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Move K computed at ``from_pos`` to ``to_pos``, on every layer.
+
+    keys:     [layers, kv_heads, tokens, head_dim] post-RoPE K (``ChunkKV.keys``, i.e. ``kv[:, 0]``),
+              any float dtype and device; no batch dim (use ``rerotate_layer`` for batched caches).
+    from_pos: [tokens] int64, the positions K was computed at.
+    to_pos:   [tokens] int64, the positions K should have.
+    layers:   the model layer index of each ``keys[i]``; default ``range(spec.num_layers)``.
+    Returns a new [layers, kv_heads, tokens, head_dim] tensor in keys' dtype. Raises
+    UnsupportedRopeError if a position is past ``spec.max_position``.
+    """
+    if keys.dim() != 4 or keys.shape[-1] != spec.head_dim:
+        raise InputError(
+            f"keys must be [layers, kv_heads, tokens, head_dim={spec.head_dim}], got shape {tuple(keys.shape)}"
+        )
+    tokens = keys.shape[2]
+    from_pos = _as_positions(from_pos, "from_pos", tokens)
+    to_pos = _as_positions(to_pos, "to_pos", tokens)
+    layer_ids = list(range(spec.num_layers)) if layers is None else [int(i) for i in layers]
+    if len(layer_ids) != keys.shape[0] or any(not 0 <= i < spec.num_layers for i in layer_ids):
+        raise InputError(
+            f"keys has {keys.shape[0]} layers but layers={layer_ids} (model has {spec.num_layers}); "
+            "pass one model layer index per keys[i]"
+        )
+    if tokens == 0:
+        return keys.clone()
+    spec.check_positions(int(torch.maximum(from_pos.max(), to_pos.max())))
+
+    delta_t = to_pos - from_pos
+    first = int(delta_t[0])
+    # Fast path: a chunk moved as a block has one delta; its cos/sin are [n], not [tokens, n].
+    delta: int | torch.Tensor = first if bool((delta_t == first).all()) else delta_t
+    if isinstance(delta, int) and delta == 0:
+        return keys.clone()
+
+    groups: dict[int, list[int]] = {}
+    for row, layer in enumerate(layer_ids):
+        groups.setdefault(spec.layer_freq_index[layer], []).append(row)
+    dtype = _compute_dtype(keys.dtype)
+    if len(groups) == 1 and -1 not in groups:
+        (fi,) = groups
+        cos, sin = _cos_sin(delta, spec.freqs[fi].inv_freq, keys.device, dtype)
+        return _rotate(keys, cos, sin, spec.layout, spec.rotary_dim)
+    out = keys.clone()
+    for fi, rows in groups.items():
+        if fi < 0:
+            continue
+        cos, sin = _cos_sin(delta, spec.freqs[fi].inv_freq, keys.device, dtype)
+        idx = torch.tensor(rows, device=keys.device)
+        out[idx] = _rotate(keys[idx], cos, sin, spec.layout, spec.rotary_dim)
+    return out
+
+
+# --------------------------------------------------------------------------- reading a model
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def _find_rotary_module(model) -> torch.nn.Module:
+    found = [
+        (name, m) for name, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")
+    ]
+    text = [(n, m) for n, m in found if not any(s in n.lower() for s in ("vision", "visual", "audio", "image"))]
+    if not text:
+        raise UnsupportedRopeError(
+            f"{type(model).__name__} has no rotary embedding module (no submodule whose class name ends "
+            "with 'RotaryEmbedding'), so its positions are not RoPE (learned absolute positions, ALiBi, ...) "
+            "and cached K/V cannot be moved to new positions; use mode='full' for this model"
+        )
+    classes = {type(m) for _, m in text}
+    if len(classes) > 1:
+        raise UnsupportedRopeError(
+            f"{type(model).__name__} has several kinds of rotary modules ({sorted(c.__name__ for c in classes)}"
+            f" at {[n for n, _ in text]}); kdn_hf cannot tell which one the text layers use; use mode='full'"
+        )
+    return text[0][1]
+
+
+def _rope_params(tc, name: str) -> dict:
+    params = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+    if name and isinstance(params.get(name), dict):
+        params = params[name]
+    return params if isinstance(params, dict) else {}
+
+
+def _buffer(module, prefix: str) -> torch.Tensor | None:
+    # original_inv_freq first: longrope/dynamic overwrite inv_freq in place after long forwards.
+    for attr in (f"{prefix}original_inv_freq", f"{prefix}inv_freq"):
+        t = getattr(module, attr, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    return None
+
+
+def _probe(module, positions: list[int], layer_type: str | None):
+    """(cos, sin) [len(positions), W] float64 of the module's output at ``positions``."""
+    ref = next(iter(module.buffers()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    x = torch.zeros(1, dtype=torch.float32, device=device)
+    pos = torch.tensor([positions], device=device)
+    kwargs = {}
+    if "layer_type" in inspect.signature(module.forward).parameters and layer_type is not None:
+        kwargs["layer_type"] = layer_type
+    with torch.no_grad():
+        out = module(x, pos, **kwargs)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(
+        isinstance(t, torch.Tensor) and not t.is_complex() for t in out
+    )):
+        raise UnsupportedRopeError(
+            f"{type(module).__name__} does not return a (cos, sin) pair of real tensors; kdn_hf cannot read "
+            "its frequencies; use mode='full' for this model"
+        )
+    a, b = (t.detach().to("cpu", torch.float64).reshape(-1, t.shape[-1])[-len(positions):] for t in out)
+    # Row 0 is position 0, where sin is 0 and cos is the attention scaling: that tells the order.
+    return (b, a) if a[0].abs().max() < 1e-6 < b[0].abs().max() else (a, b)
+
+
+def _recover_inv_freq(cos: torch.Tensor, sin: torch.Tensor, positions: list[int]) -> torch.Tensor:
+    """w from per-frequency cos/sin at positions [0, 1, ..., P]: estimate at 1, refine at P."""
+    w1 = torch.atan2(sin[1], cos[1])
+    p = positions[-1]
+    theta = torch.atan2(sin[-1], cos[-1])
+    turns = torch.round((p * w1 - theta) / (2 * math.pi))
+    return (theta + 2 * math.pi * turns) / p
+
+
+def _layout(module, cos: torch.Tensor, sin: torch.Tensor, n: int | None) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Layout and per-frequency cos/sin [P, n] from the module's output [P, W].
+
+    n is the number of frequencies when known (from a buffer), else None. Distinct
+    frequencies never repeat, so a repeated pattern in the output means a full-width one.
+    """
+    width = cos.shape[-1]
+
+    def same(x, y):
+        return torch.allclose(x, y, rtol=0, atol=1e-6)
+
+    if width % 2 == 0 and n in (None, width // 2):
+        h = width // 2
+        if same(cos[:, :h], cos[:, h:]) and same(sin[:, :h], sin[:, h:]):
+            return "half", cos[:, :h], sin[:, :h]
+        if same(cos[:, 0::2], cos[:, 1::2]) and same(sin[:, 0::2], sin[:, 1::2]):
+            return "interleaved", cos[:, 0::2], sin[:, 0::2]
+    if n in (None, width):
+        # One value per frequency: the attention code expands it. The GPT-J/CodeGen convention
+        # (rotate_every_two) pairs neighbours; the other one (GPT-OSS, torch.chunk) pairs halves.
+        modeling = sys.modules.get(type(module).__module__)
+        layout = "interleaved" if hasattr(modeling, "rotate_every_two") else "half"
+        return layout, cos, sin
+    raise UnsupportedRopeError(
+        f"{type(module).__name__} returns cos/sin of width {width} for {n} frequencies in neither the "
+        "rotate_half nor the interleaved pattern; kdn_hf cannot re-rotate this model; use mode='full'"
+    )
+
+
+def _refuse(rope_type: str, where: str) -> None:
+    if "dynamic" in rope_type:
+        raise UnsupportedRopeError(
+            f"{where} uses rope_type={rope_type!r} (dynamic NTK): its frequencies are recomputed from the "
+            "sequence length (and kept as module state), so K stored from a chunk need not carry the "
+            "frequencies the composed prompt will use, and no rotation by a position delta makes it "
+            f"exact; {_REFUSE_HINT}"
+        )
+    if rope_type not in STATIC_ROPE_TYPES | BOUNDED_ROPE_TYPES:
+        raise UnsupportedRopeError(
+            f"{where} uses rope_type={rope_type!r}, which kdn_hf does not know to have frequencies "
+            f"independent of the sequence length; {_REFUSE_HINT}"
+        )
+
+
+def rope_spec_from_model(model) -> RopeSpec:
+    """Read a transformers causal LM's RoPE into a RopeSpec.
+
+    Frequencies come from the model's rotary module (``inv_freq`` buffers, per layer type
+    for Gemma3-style modules, or recovered from its cos/sin output when it has none, as
+    GPT-J's sinusoid table); the layout from the pattern of its cos output; the rope type,
+    layer types, ``no_rope_layers`` and head_dim from the config. Raises
+    UnsupportedRopeError for models without RoPE, dynamic NTK, multimodal (mrope)
+    positions, unknown rope types or unreadable rotary modules.
+    """
+    tc = _text_config(model.config)
+    where = f"{type(model).__name__}"
+    top = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
+    nested = [v for v in top.values() if isinstance(v, dict)] if isinstance(top, dict) else []
+    for params in [top, *nested] if isinstance(top, dict) else []:
+        if "mrope_section" in params:
+            raise UnsupportedRopeError(
+                f"{where} uses multimodal RoPE (mrope_section): its positions are 3-D and kdn_hf re-rotates "
+                "1-D text positions only; use mode='full' for this model"
+            )
+        if "rope_type" in params:
+            _refuse(str(params["rope_type"]), where)
+
+    module = _find_rotary_module(model)
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    num_layers = tc.num_hidden_layers
+    module_types = getattr(module, "rope_type", None)
+    names = sorted(module_types) if isinstance(module_types, dict) else [""]
+
+    max_pos_emb = getattr(tc, "max_position_embeddings", None) or 4096
+    freqs: list[RopeFrequencies] = []
+    layouts: set[str] = set()
+    max_position: int | None = None
+    for name in names:
+        params = _rope_params(tc, name)
+        rope_type = str(module_types[name] if name else (module_types or params.get("rope_type", "default")))
+        _refuse(rope_type, f"{where} ({name})" if name else where)
+        limit = max_pos_emb
+        if rope_type == "longrope" and params.get("long_factor") != params.get("short_factor"):
+            bound = params.get("original_max_position_embeddings") or getattr(
+                tc, "original_max_position_embeddings", None
+            )
+            if bound is None:
+                raise UnsupportedRopeError(f"{where} uses longrope without original_max_position_embeddings")
+            max_position = int(bound) if max_position is None else min(max_position, int(bound))
+            limit = min(limit, int(bound))
+
+        buf = _buffer(module, f"{name}_" if name else "")
+        # Probe positions 0..3 for the pattern, and a far one to pin frequencies down precisely.
+        positions = [0, 1, 2, 3, max(4, min(2047, limit - 1))]
+        cos, sin = _probe(module, positions, name or None)
+        layout, cos_f, sin_f = _layout(module, cos, sin, buf.numel() if buf is not None else None)
+        scale = float(cos_f[0, 0])  # cos(0) times the attention scaling
+        if not scale > 0:
+            raise UnsupportedRopeError(f"{type(module).__name__} returns cos(0) = {scale}; it is not RoPE")
+        if buf is not None:
+            w = buf.detach().to("cpu", torch.float64)
+        else:
+            w = _recover_inv_freq(cos_f / scale, sin_f / scale, positions)
+        ang = torch.tensor(positions, dtype=torch.float64)[:, None] * w
+        # Loose: the module's own angles are float32 (bf16 tables in a bf16 model); this checks
+        # the form (a rotation by p * w), not the last digits.
+        close = torch.allclose(cos_f, scale * ang.cos(), atol=1e-2) and torch.allclose(
+            sin_f, scale * ang.sin(), atol=1e-2
+        )
+        if not close:
+            raise UnsupportedRopeError(
+                f"{type(module).__name__} ({name or 'single set'}) output is not cos/sin of position * inv_freq; "
+                "kdn_hf cannot re-rotate this model; use mode='full'"
+            )
+        expected = _config_rotary_dim(tc, params, head_dim, rope_type)
+        if expected is not None and expected != 2 * w.numel():
+            raise UnsupportedRopeError(
+                f"{where}: the rotary module has {w.numel()} frequencies (rotary_dim {2 * w.numel()}) but the "
+                f"config implies rotary_dim {expected}; kdn_hf cannot tell which dims rotate; use mode='full'"
+            )
+        layouts.add(layout)
+        freqs.append(RopeFrequencies(w, rope_type, scale, name))
+
+    if len(layouts) != 1 or len({f.inv_freq.numel() for f in freqs}) != 1:
+        raise UnsupportedRopeError(f"{where}: layer types disagree on the RoPE layout or rotary_dim")
+    rotary_dim = 2 * freqs[0].inv_freq.numel()
+
+    if names == [""]:
+        index = [0] * num_layers
+    else:
+        layer_types = getattr(tc, "layer_types", None)
+        if layer_types is None or len(layer_types) != num_layers:
+            raise UnsupportedRopeError(f"{where}: rotary module has per-layer-type frequencies but no layer_types")
+        index = [names.index(t) if t in names else -1 for t in layer_types]
+    no_rope = getattr(tc, "no_rope_layers", None)  # SmolLM3/Llama4: truthy = the layer uses RoPE
+    if isinstance(no_rope, (list, tuple)) and len(no_rope) == num_layers:
+        index = [i if use else -1 for i, use in zip(index, no_rope)]
+    return RopeSpec(tuple(freqs), tuple(index), rotary_dim, head_dim, layouts.pop(), max_position)
+
+
+def _config_rotary_dim(tc, params: dict, head_dim: int, rope_type: str) -> int | None:
+    """rotary_dim as the config states it (partial_rotary_factor or rotary_dim), None if silent."""
+    if rope_type == "proportional":  # pads inv_freq with zeros up to head_dim
+        return None
+    rd = getattr(tc, "rotary_dim", None)
+    if isinstance(rd, int):
+        return rd
+    prf = params.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", None))
+    if isinstance(prf, (int, float)):
+        dim = int(head_dim * prf)
+        return dim + dim % 2  # arange(0, dim, 2) gives ceil(dim / 2) frequencies
+    return None

@@ -1,0 +1,145 @@
+"""KDN end to end on the real SmolLM2 model: modes, stock generate, store behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdn_hf import KDN, KDNCache
+from kdn_hf.errors import KDNCacheError
+from kdn_hf.compat import cache_kwarg
+
+SYSTEM = "You are a helpful assistant. Answer the question using the documents.\n\n"
+
+
+def _plain_greedy(model, ids, n):
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                         pad_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
+def test_single_chunk_and_prefix_mode_match_plain_generate(kdn, smol, docs):
+    model, _ = smol
+    question = "Question: Which river has the largest discharge? Answer:"
+    single = kdn.generate([docs[0] + "\n" + question], max_new_tokens=12, mode="reuse")
+    assert single.token_ids == _plain_greedy(model, single.prompt_ids, 12)
+
+    chunks = [SYSTEM, docs[0] + "\n\n", docs[1] + "\n\n", question]
+    ref = _plain_greedy(model, kdn.generate(chunks, max_new_tokens=1, mode="full").prompt_ids, 12)
+    cold = kdn.generate(chunks, max_new_tokens=12, mode="prefix")
+    warm = kdn.generate(chunks, max_new_tokens=12, mode="prefix")
+    assert cold.token_ids == ref and warm.token_ids == ref
+    assert cold.stats.hit_count == 0 and cold.stats.misses == 3
+    assert warm.stats.hit_count == 3 and warm.stats.misses == 0
+    q_len = len(kdn.tokenizer(question, add_special_tokens=False)["input_ids"])
+    assert warm.stats.tokens_computed == q_len
+    # a different first chunk invalidates every prefix entry after it
+    other = kdn.generate([docs[2] + "\n\n"] + chunks[1:], max_new_tokens=4, mode="prefix")
+    assert other.stats.hit_count == 0
+
+
+def test_reuse_through_stock_generate_computes_only_the_suffix(kdn, smol, docs):
+    model, tok = smol
+    question = "Question: Who won two Nobel Prizes? Answer:"
+    chunks = [docs[0] + "\n\n", docs[1] + "\n\n", docs[3] + "\n\n", question]
+    kdn.ingest(chunks[:-1])
+    res = kdn.generate(chunks, max_new_tokens=10, mode="reuse")
+    q_len = len(tok(question, add_special_tokens=False)["input_ids"])
+    assert res.stats.misses == 0 and res.stats.hit_count == 3
+    assert res.stats.tokens_computed == q_len
+    assert res.stats.tokens_reused == len(res.prompt_ids) - q_len
+    assert res.stats.bytes_loaded > 0 and 0 < res.stats.ttft_s <= res.stats.total_s
+
+    # the HF way gives the same tokens
+    cache = kdn.prepare(chunks[:-1])
+    assert isinstance(cache, KDNCache)
+    assert cache.token_ids.tolist() == res.prompt_ids[: cache.get_seq_length()]
+    assert cache.get_seq_length() == len(res.prompt_ids) - q_len
+    assert [e - s for s, e in cache.chunk_spans] == [len(tok(c, add_special_tokens=False)["input_ids"]) for c in chunks[:-1]]
+    x = torch.tensor([res.prompt_ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                         pad_token_id=2, **{cache_kwarg(model): cache})
+    assert out[0, x.shape[1]:].tolist() == res.token_ids
+
+
+def test_reuse_equals_cold_for_any_order_miss_and_repeat(kdn, docs):
+    q = "Question: What is the text about? Answer:"
+    kdn.ingest([docs[0] + "\n\n", docs[2] + "\n\n"])
+    layouts = [
+        [docs[2] + "\n\n", docs[0] + "\n\n", q],  # reordered, 100% hit
+        [docs[0] + "\n\n", docs[1] + "\n\n", docs[2] + "\n\n", q],  # a miss in the middle
+        [docs[0] + "\n\n", docs[0] + "\n\n", q],  # the same chunk twice
+    ]
+    for chunks in layouts:
+        warm = kdn.generate(chunks, max_new_tokens=6, mode="reuse")
+        cache = kdn.prepare(chunks[:-1])
+        # every chunk's K must equal a fresh computation placed at the same offset
+        model = kdn.model
+        for (s, e), text in zip(cache.chunk_spans, chunks[:-1]):
+            ids = torch.tensor(kdn.tokenizer(text, add_special_tokens=False)["input_ids"])
+            from kdn_hf.compute import prefill, stack_cache
+
+            fresh, _ = prefill(model, ids, torch.arange(s, e))
+            got = torch.stack([torch.stack([l.keys[0, :, s:e], l.values[0, :, s:e]]) for l in cache.layers])
+            assert (got - stack_cache(fresh)).abs().max().item() < 1e-3
+        assert warm.stats.misses <= 1
+
+
+def test_cache_covering_every_input_token_is_refused_clearly(kdn, smol, docs):
+    model, _ = smol
+    chunks = [docs[0] + "\n\n", "Question: Where does the Amazon flow? Answer:"]
+    cache = kdn.prepare(chunks)  # covers everything: generate would re-feed the whole input
+    ids = cache.token_ids.tolist()
+    x = torch.tensor([ids])
+    with pytest.raises(KDNCacheError, match=r"prepare\(chunks\[:-1\]\)"):
+        model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                       pad_token_id=2, **{cache_kwarg(model): cache})
+    # one more token than the cache holds: exact (prefix mode: the KV of full prefill), positions keep counting
+    cache = kdn.prepare(chunks, mode="prefix")
+    x = torch.tensor([ids + [198]])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False,
+                         pad_token_id=2, **{cache_kwarg(model): cache})
+    assert out[0, x.shape[1]:].tolist() == _plain_greedy(model, ids + [198], 4)[: out.shape[1] - x.shape[1]]
+    assert cache.positions.tolist() == list(range(cache.get_seq_length()))
+
+
+def test_num_return_sequences_and_beams_with_prepared_cache(kdn, smol, docs):
+    model, _ = smol
+    chunks = [docs[1] + "\n\n", "Question: What did Marie Curie research? Answer:"]
+    res = kdn.generate(chunks, max_new_tokens=5, mode="reuse")
+    x = torch.tensor([res.prompt_ids])
+    for extra in ({"num_return_sequences": 2, "do_sample": True, "top_k": 1},
+                  {"num_beams": 2, "num_return_sequences": 2, "do_sample": False}):
+        cache = kdn.prepare(chunks[:-1])
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, pad_token_id=2,
+                             **{cache_kwarg(model): cache}, **extra)
+        assert out.shape[0] == 2
+        if extra.get("top_k") == 1:  # top-1 sampling is greedy: both rows equal the greedy answer
+            assert out[0, x.shape[1]:].tolist() == res.token_ids == out[1, x.shape[1]:].tolist()
+
+
+def test_namespaces_do_not_share_entries(smol, tmp_path, docs):
+    model, tok = smol
+    a = KDN(model, tok, store=tmp_path / "s", namespace="tenant-a")
+    b = KDN(model, tok, store=tmp_path / "s", namespace="tenant-b")
+    chunks = [docs[0] + "\n\n", "Question: Which ocean? Answer:"]
+    a.ingest(chunks[:1])
+    assert b.generate(chunks, max_new_tokens=2).stats.hit_count == 0
+    assert a.generate(chunks, max_new_tokens=2).stats.hit_count == 1
+
+
+def test_corrupted_disk_entry_is_recomputed(kdn, docs):
+    chunks = [docs[1] + "\n\n", docs[2] + "\n\n", "Question: Who was Marie Curie? Answer:"]
+    cold = kdn.generate(chunks, max_new_tokens=8)
+    files = sorted((kdn.store.tiers[0].root).rglob("*.kdn"))
+    assert len(files) == 2
+    data = bytearray(files[0].read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit flip inside the tensor data
+    files[0].write_bytes(bytes(data))
+    again = kdn.generate(chunks, max_new_tokens=8)
+    assert again.stats.misses == 1 and again.stats.hit_count == 1
+    assert again.token_ids == cold.token_ids
+    assert kdn.store.stats()["disk"].corrupt == 1
+    third = kdn.generate(chunks, max_new_tokens=8)  # recomputed entry was stored back
+    assert third.stats.hit_count == 2 and third.token_ids == cold.token_ids
