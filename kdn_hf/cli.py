@@ -61,7 +61,7 @@ def cmd_ask(args) -> int:
     chunks = _doc_chunks(kdn, args.doc, args.max_tokens) if args.doc else []
     if args.system:
         chunks.insert(0, args.system.rstrip() + "\n\n")
-    chunks.append(args.question)
+    chunks.append(args.question if args.raw else f"Question: {args.question.strip()}\nAnswer:")
     res = kdn.generate(chunks, max_new_tokens=args.max_new_tokens, mode=args.mode)
     s = res.stats
     if args.json:
@@ -95,6 +95,38 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_bench(args) -> int:
+    from kdn_hf import KDN
+    from kdn_hf.bench import format_table, methods_from, plot, run_bench, write_json
+
+    methods = methods_from(_names(args.methods), _floats(args.ratios), _names(args.selection))
+    if args.workload != "rag":
+        raise SystemExit(f"kdn bench: unknown workload {args.workload!r}; available: rag")
+    kdn = KDN.from_pretrained(args.model, store=args.store or ["memory://?budget=4GiB"], namespace=args.namespace)
+    store_name = "+".join(t.name for t in kdn.store.tiers)
+    doc_tokens = [int(x) for x in _names(args.doc_tokens)]
+    rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,
+                     timing_cases=args.timing_cases, questions=args.questions, tf_tokens=args.tf_tokens,
+                     store_name=store_name, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(rows))
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    if args.json:
+        write_json(rows, args.json, config)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdn", description="kdn_hf: reusable KV caches for LLM knowledge")
     ap.add_argument("-v", "--verbose", action="store_true", help="log store and cache events")
@@ -114,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512, help="chunk size used when the docs were ingested")
     p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
+    p.add_argument("--raw", action="store_true", help="send the question as is (default: 'Question: ...\\nAnswer:')")
     _common(p)
     p.set_defaults(func=cmd_ask)
 
@@ -123,6 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     _common(q, model=False)
     q.set_defaults(func=cmd_store_stats)
+
+    p = sub.add_parser("bench", help="TTFT and quality of full / prefix / reuse / blend (rag workload)")
+    p.add_argument("--workload", default="rag", help="workload name (rag: k documents + system prompt + question)")
+    p.add_argument("--methods", default="full,prefix,reuse,blend", help="comma list from full,prefix,reuse,blend")
+    p.add_argument("--ratios", default="0.15", help="blend recompute ratios, comma list")
+    p.add_argument("--selection", default="kdn,cacheblend", help="blend selection strategies, comma list")
+    p.add_argument("--k", type=int, default=4, help="documents per prompt")
+    p.add_argument("--doc-tokens", default="512", help="document length(s) in tokens, comma list")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per timed prompt (median reported)")
+    p.add_argument("--timing-cases", type=int, default=2, help="prompts timed per method")
+    p.add_argument("--questions", type=int, default=50, help="dev QA questions for quality (0: timing only)")
+    p.add_argument("--tf-tokens", type=int, default=32, help="teacher-forced continuation length")
+    p.add_argument("--json", default=None, help="write rows + config as JSON here")
+    p.add_argument("--plot", default=None, help="write a PNG plot (TTFT and KL by method and length)")
+    _common(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="full vs reuse on the bundled model, cold and warm store")
     p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
+from kdn_hf.blend import DEFAULT_SELECTION
 from kdn_hf.cache import KDNCache
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
@@ -63,11 +64,18 @@ class _FirstTokenClock(BaseStreamer):
         pass
 
 
-def _check_mode(mode: str, recompute_ratio: float) -> None:
+def _check_mode(mode: str, recompute_ratio: float, selection: str = DEFAULT_SELECTION) -> float:
+    """Validate; returns the ratio that applies (``recompute_ratio`` for blend, else 0)."""
+    from kdn_hf.blend import get_selection
+
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
-    if not (0.0 <= recompute_ratio <= 1.0):
-        raise ConfigError(f"recompute_ratio must lie in [0, 1], got {recompute_ratio}")
+    if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, (int, float)) or not (
+        0.0 <= recompute_ratio <= 1.0
+    ):
+        raise ConfigError(f"recompute_ratio must be a number in [0, 1], got {recompute_ratio!r}")
+    get_selection(selection)  # raises ConfigError listing the allowed names
+    return float(recompute_ratio) if mode == "blend" else 0.0
 
 
 class KDN:
@@ -154,20 +162,22 @@ class KDN:
         return chunk
 
     # --------------------------------------------------------------- prepare
-    def prepare(self, chunks: Sequence, *, mode: str = "reuse", recompute_ratio: float = 0.0) -> KDNCache:
+    def prepare(self, chunks: Sequence, *, mode: str = "blend", recompute_ratio: float = 0.15,
+                selection: str = DEFAULT_SELECTION) -> KDNCache:
         """A KDNCache holding the KV of ``chunks`` (all of them) composed at their prompt positions.
 
         Pass it to ``model.generate`` with prompt ids that extend ``cache.token_ids``
         by at least one token (the question), e.g. ``prepare(chunks[:-1])``.
+        ``recompute_ratio`` and ``selection`` (a name in ``kdn_hf.blend.SELECTIONS``) apply to
+        ``mode="blend"`` only (``mode="reuse"`` is ratio 0; blend at ratio 0 is reuse).
         """
-        _check_mode(mode, recompute_ratio)
+        ratio = _check_mode(mode, recompute_ratio, selection)
         prompt = build_prompt(self.tokenizer, chunks, max_positions=self.max_positions)
-        return self._prepare(prompt, len(prompt.chunk_ids), mode, recompute_ratio)
+        return self._prepare(prompt, len(prompt.chunk_ids), mode, ratio, selection)
 
-    def _prepare(self, prompt: Prompt, n_chunks: int, mode: str, ratio: float) -> KDNCache:
+    def _prepare(self, prompt: Prompt, n_chunks: int, mode: str, ratio: float,
+                 selection: str = DEFAULT_SELECTION) -> KDNCache:
         t0 = time.perf_counter()
-        if mode == "blend" and ratio > 0:
-            raise ConfigError("mode='blend' with recompute_ratio > 0 is not available in this version; use 'reuse'")
         sub = Prompt(prompt.lead_in, prompt.chunk_ids[:n_chunks])
         stats = PrepareStats(mode=mode, chunks=n_chunks, tokens_total=len(sub))
         if mode == "full":
@@ -175,7 +185,9 @@ class KDN:
         elif mode == "prefix":
             cache = self._prepare_prefix(sub, stats)
         else:
-            cache = self._prepare_reuse(sub, stats)
+            # longrope switches every frequency once a sequence passes a length: check the whole prompt
+            self.rope_spec.check_positions(len(prompt) - 1)
+            cache = self._prepare_reuse(sub, stats, ratio if mode == "blend" else 0.0, selection)
         cache.token_ids = torch.tensor(sub.prompt_ids, dtype=torch.long)
         cache.chunk_spans = sub.spans
         stats.prepare_s = time.perf_counter() - t0
@@ -211,7 +223,8 @@ class KDN:
         cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
         return cfg.num_hidden_layers
 
-    def _prepare_reuse(self, prompt: Prompt, stats: PrepareStats) -> KDNCache:
+    def _prepare_reuse(self, prompt: Prompt, stats: PrepareStats, ratio: float = 0.0,
+                       selection: str = DEFAULT_SELECTION) -> KDNCache:
         device = self.model.device
         units: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (ids, context they are computed after)
         if prompt.lead_in:
@@ -241,7 +254,13 @@ class KDN:
         kv = torch.cat(parts, dim=3) if parts else None
         if kv is None:
             return KDNCache()
-        return KDNCache(kv, torch.arange(at), torch.tensor(prompt.prompt_ids, dtype=torch.long))
+        ids = torch.tensor(prompt.prompt_ids, dtype=torch.long)
+        if ratio > 0:  # kv is ours (torch.cat): blend it in place
+            from kdn_hf.blend import get_selection, recompute
+
+            res = recompute(self.model, kv, ids, prompt.spans, ratio, get_selection(selection))
+            stats.tokens_recomputed = int(res.selected.numel())
+        return KDNCache(kv, torch.arange(at), ids)
 
     def _prepare_prefix(self, prompt: Prompt, stats: PrepareStats) -> KDNCache:
         units = ([prompt.lead_in] if prompt.lead_in else []) + list(prompt.chunk_ids)
@@ -287,8 +306,9 @@ class KDN:
         chunks: Sequence,
         *,
         max_new_tokens: int = 64,
-        mode: str = "reuse",
-        recompute_ratio: float = 0.0,
+        mode: str = "blend",
+        recompute_ratio: float = 0.15,
+        selection: str = DEFAULT_SELECTION,
         **generate_kwargs,
     ) -> GenerateResult:
         """Answer the prompt made of ``chunks``; the last chunk (the question) is prefilled fresh.
@@ -296,7 +316,7 @@ class KDN:
         Extra keyword arguments go to ``model.generate`` (greedy by default).
         """
         t0 = time.perf_counter()
-        _check_mode(mode, recompute_ratio)
+        ratio = _check_mode(mode, recompute_ratio, selection)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         prompt = build_prompt(self.tokenizer, chunks, max_positions=self.max_positions, reserve=max_new_tokens)
@@ -305,12 +325,12 @@ class KDN:
             cache = None
             stats = GenerateStats(mode=mode, chunks=len(prompt.chunk_ids), tokens_total=len(ids))
         else:
-            cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, recompute_ratio)
+            cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, ratio, selection)
             stats = GenerateStats(**vars(cache.stats))
             stats.chunks = len(prompt.chunk_ids)
             stats.tokens_total = len(ids)
         stats.tokens_computed += len(ids) - (cache.get_seq_length() if cache is not None else 0)
-        stats.recompute_ratio = recompute_ratio
+        stats.recompute_ratio = ratio
         kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False}
         if self.tokenizer.pad_token_id is not None:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id

@@ -93,3 +93,27 @@ def build_prompt(tokenizer, chunks, *, max_positions: int | None = None, reserve
             f"holds {max_positions} positions; drop or shorten chunks, or lower max_new_tokens"
         )
     return prompt
+
+
+def chat_chunks(tokenizer, system: str, documents: Sequence[str], question: str) -> list[str]:
+    """Chunks of a RAG prompt in the model's chat format: [system + header, *documents, question + footer].
+
+    The chat template is rendered once around placeholders and cut there, so
+    documents stay separate, reusable chunks. Without a chat template the
+    prompt is plain text ending in ``Answer:``. Documents get a trailing blank
+    line if they have none.
+    """
+    docs = [d if d.endswith("\n\n") else d.rstrip("\n") + "\n\n" for d in documents]
+    if not getattr(tokenizer, "chat_template", None):
+        return [system.rstrip() + "\n\n", *docs, f"Question: {question.strip()}\nAnswer:"]
+    sys_mark, user_mark = "\x00KDN_SYSTEM\x00", "\x00KDN_USER\x00"
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": sys_mark}, {"role": "user", "content": user_mark}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    head, rest = rendered.split(sys_mark)
+    middle, tail = rest.split(user_mark)
+    if head.startswith(getattr(tokenizer, "bos_token", None) or "\x01") and lead_in_ids(tokenizer):
+        head = head[len(tokenizer.bos_token):]  # BOS is the lead-in, added by the engine
+    return [head + system.rstrip() + "\n\n", *docs, middle + question.strip() + tail]

@@ -30,3 +30,65 @@ def make_chunk():
         return ChunkKV(kv=kv, positions=positions, token_ids=token_ids, meta=dict(meta or {}))
 
     return make
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, in its own temp dir, no persistence."""
+
+    def __init__(self, tmp_dir) -> None:
+        import shutil
+        import socket
+        import subprocess
+        import time
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server); the redis tier is untested")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tmp_dir
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_dir), "--maxmemory-policy", "allkeys-lru"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        pytest.fail(f"redis-server did not start on port {self.port}")
+
+    def url(self, db: int = 0, **params) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"redis://127.0.0.1:{self.port}/{db}" + (f"?{query}" if query else "")
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A session-wide redis-server (skips if not installed); ``.url(db, **params)``, ``.flush()``."""
+    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    """An empty Redis (flushed) and a URL to it."""
+    redis_server.flush()
+    return redis_server.url()

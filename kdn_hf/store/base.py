@@ -96,6 +96,9 @@ class StorageTier(ABC):
 
     #: short name used in stats ("memory", "disk", "redis")
     name: str = "tier"
+    #: True when the tier itself enforces ``byte_budget`` with exact LRU order
+    #: (memory, disk); False when a server does its own eviction (redis)
+    exact_budget: bool = True
 
     @abstractmethod
     def get(self, key: str) -> bytes | None: ...
@@ -121,6 +124,14 @@ class StorageTier(ABC):
     def put_many(self, items: Iterable[tuple[str, bytes]]) -> None:
         for k, v in items:
             self.put(k, v)
+
+    def peek(self, key: str) -> bytes | None:
+        """``get`` without counting a hit or refreshing recency (for ``kdn store ls/verify``)."""
+        return self.get(key)
+
+    def trim(self) -> int:
+        """Evict down to the byte budget now (``kdn store gc``); returns entries evicted."""
+        return 0
 
     def note_corrupt(self, key: str) -> None:
         """Called by KVStore when an entry this tier served failed validation:

@@ -5,14 +5,21 @@ hit in a slower tier is promoted: its bytes are put into every faster tier.
 An entry that fails verification (checksum, key, fingerprint, shape) is a
 logged warning, counted in that tier's ``stats().corrupt``, deleted from the
 tier, and the search goes on, so a damaged entry is a miss, never an error.
-``put`` encodes once and writes the same bytes through to every tier.
 
-KVStore keeps no state of its own besides the tiers: the stats are theirs.
+``put`` encodes once. With ``write="through"`` (the default) the same bytes go
+to every tier before ``put`` returns. With ``write="back"`` they go to the
+fastest tier at once and to the slower ones from a background thread (bounded
+queue: a full queue makes ``put`` write synchronously); ``flush()`` waits for
+pending writes, ``close()`` flushes, and a ``get`` sees pending entries. Each
+tier keeps its own byte budget (see the tiers); the stats are theirs.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
@@ -20,7 +27,7 @@ import torch
 from kdn_hf.errors import ConfigError, CorruptEntryError
 from kdn_hf.kv import ChunkKV
 from kdn_hf.store.base import StorageTier, TierStats
-from kdn_hf.store.entry import decode_entry, encode_entry
+from kdn_hf.store.entry import decode_entry, encode_entry, read_metadata
 
 logger = logging.getLogger("kdn_hf.store")
 
@@ -35,20 +42,44 @@ class StoreHit(NamedTuple):
 _MISS = StoreHit(None, None)
 
 
-class KVStore:
-    """A tier chain, ``tiers[0]`` fastest. Use it as a context manager or call ``close()``."""
+WRITE_POLICIES = ("through", "back")
 
-    def __init__(self, tiers: Sequence[StorageTier]) -> None:
+
+@dataclass
+class VerifyReport:
+    """What ``KVStore.verify`` found: entries checked and bad ones (tier name, key, reason)."""
+
+    checked: int = 0
+    bad: list[tuple[str, str, str]] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.bad = [] if self.bad is None else self.bad
+
+
+class KVStore:
+    """A tier chain, ``tiers[0]`` fastest. Use it as a context manager or call ``close()``.
+
+    write: "through" (every tier before ``put`` returns) or "back" (the fastest
+    tier now, the others from a background thread).
+    """
+
+    def __init__(self, tiers: Sequence[StorageTier], *, write: str = "through", queue_size: int = 64) -> None:
         tiers = list(tiers)
         if not tiers or not all(isinstance(t, StorageTier) for t in tiers):
             raise ConfigError(f"KVStore needs a non-empty list of StorageTier objects, got {tiers!r}")
+        if write not in WRITE_POLICIES:
+            raise ConfigError(f"write policy must be one of {WRITE_POLICIES}, got {write!r}")
         self.tiers: list[StorageTier] = tiers
         self.names: list[str] = _unique_names([t.name for t in tiers])
+        self.write = write
+        self._back = _WriteBack(tiers[1:], queue_size) if write == "back" and len(tiers) > 1 else None
 
     def get(self, key: str, fingerprint: str, device: str | torch.device = "cpu") -> StoreHit:
         """The verified chunk under ``key`` for model ``fingerprint``, and the tier name that hit."""
         for i, tier in enumerate(self.tiers):
             data = tier.get(key)
+            if data is None and i == 0 and self._back is not None:
+                data = self._back.pending(key)
             if data is None:
                 continue
             chunk = self._decode(i, key, data, fingerprint, device)
@@ -66,6 +97,8 @@ class KVStore:
             if not todo:
                 break
             datas = tier.get_many([keys[j] for j in todo])
+            if i == 0 and self._back is not None:
+                datas = [d if d is not None else self._back.pending(keys[j]) for j, d in zip(todo, datas)]
             promote: list[tuple[str, bytes]] = []
             still = []
             for j, data in zip(todo, datas):
@@ -81,10 +114,45 @@ class KVStore:
         return results
 
     def put(self, key: str, chunk: ChunkKV, fingerprint: str, codec: str = "none") -> None:
-        """Encode ``chunk`` once and write it to every tier."""
+        """Encode ``chunk`` once and write it to every tier (now, or later for write-back)."""
         data = encode_entry(key, chunk, fingerprint, codec)
-        for tier in self.tiers:
-            tier.put(key, data)
+        self.tiers[0].put(key, data)
+        if self._back is not None:
+            self._back.submit(key, data)
+        else:
+            for tier in self.tiers[1:]:
+                tier.put(key, data)
+
+    def flush(self) -> None:
+        """Wait until every write-back put has reached every tier (no-op for write-through)."""
+        if self._back is not None:
+            self._back.flush()
+
+    def verify(self, fingerprint: str | None = None, *, remove: bool = True) -> VerifyReport:
+        """Read every entry of every tier and check it (checksum, key, codec, shapes, and
+        ``fingerprint`` when given); bad entries are counted as corrupt and, with
+        ``remove``, deleted. For ``kdn store verify``."""
+        report = VerifyReport()
+        self.flush()
+        for name, tier in zip(self.names, self.tiers):
+            for key in list(tier.keys()):
+                data = tier.peek(key)
+                if data is None:
+                    continue  # removed meanwhile
+                report.checked += 1
+                try:
+                    fp = fingerprint if fingerprint is not None else read_metadata(data).get("fingerprint", "")
+                    decode_entry(data, key=key, fingerprint=fp)
+                except CorruptEntryError as e:
+                    report.bad.append((name, key, str(e)))
+                    if remove:
+                        tier.note_corrupt(key)
+        return report
+
+    def trim(self) -> int:
+        """Evict from every tier down to its budget (``kdn store gc``); returns entries evicted."""
+        self.flush()
+        return sum(t.trim() for t in self.tiers)
 
     def contains(self, key: str) -> bool:
         """Whether any tier holds bytes under ``key`` (unverified, no recency update)."""
@@ -92,6 +160,11 @@ class KVStore:
 
     def delete(self, key: str) -> bool:
         """Remove ``key`` from every tier; True if any tier held it."""
+        if self._back is not None:
+            with self._back.lock:
+                pending = self._back.drop(key)
+                found = [t.delete(key) for t in self.tiers]
+            return pending or any(found)
         found = [t.delete(key) for t in self.tiers]
         return any(found)
 
@@ -100,6 +173,9 @@ class KVStore:
         return {name: t.stats() for name, t in zip(self.names, self.tiers)}
 
     def close(self) -> None:
+        if self._back is not None:
+            self._back.stop()
+            self._back = None
         for t in self.tiers:
             t.close()
 
@@ -119,6 +195,62 @@ class KVStore:
             logger.warning("store tier %s: entry %s is unusable and was removed: %s", self.names[i], key, e)
             self.tiers[i].note_corrupt(key)
             return None
+
+
+class _WriteBack:
+    """A daemon thread writing (key, bytes) to the slower tiers, newest value per key wins."""
+
+    def __init__(self, tiers: list[StorageTier], queue_size: int) -> None:
+        self.tiers = tiers
+        self.lock = threading.Lock()  # held while an entry is written, so a delete cannot be undone
+        self._pending: dict[str, bytes] = {}
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="kdn-write-back", daemon=True)
+        self._thread.start()
+
+    def pending(self, key: str) -> bytes | None:
+        return self._pending.get(key)
+
+    def drop(self, key: str) -> bool:
+        """Forget a pending write (lock held by the caller)."""
+        return self._pending.pop(key, None) is not None
+
+    def submit(self, key: str, data: bytes) -> None:
+        with self.lock:
+            self._pending[key] = data
+        try:
+            self._queue.put_nowait(key)
+        except queue.Full:  # back-pressure: write this one now
+            self._write(key)
+
+    def flush(self) -> None:
+        self._queue.join()
+
+    def stop(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _write(self, key: str) -> None:
+        with self.lock:
+            data = self._pending.pop(key, None)
+            if data is None:  # written already (a newer submit of the same key), or deleted
+                return
+            for tier in self.tiers:
+                try:
+                    tier.put(key, data)
+                except Exception:  # a tier broke its never-raise contract: keep the thread alive
+                    logger.exception("store write-back to tier %s failed for %s", tier.name, key)
+
+    def _run(self) -> None:
+        while True:
+            key = self._queue.get()
+            try:
+                if key is None:
+                    return
+                self._write(key)
+            finally:
+                self._queue.task_done()
 
 
 def _unique_names(names: list[str]) -> list[str]:

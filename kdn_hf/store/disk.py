@@ -153,6 +153,21 @@ class DiskTier(StorageTier):
         self._count(corrupt=1)
         self.delete(key)
 
+    def peek(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(check_key(key)), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def trim(self) -> int:
+        """Remove stale temp files and evict down to the budget now; returns entries evicted."""
+        with self._locked():
+            self._remove_stale_temps()
+            evicted = self._evict(keep=None)
+        self._count(evictions=evicted)
+        return evicted
+
     def keys(self) -> Iterator[str]:
         for f in self._scan():
             yield f.key

@@ -20,23 +20,20 @@ sorted name order) and every metadata field but itself, so any bit flip in
 tensor data or metadata is caught. ``decode_entry`` raises CorruptEntryError
 for anything it cannot fully trust; KVStore turns that into a logged miss.
 
-Codecs: ``CODECS`` maps a name to a :class:`Codec` (encode kv to named
-tensors, decode them back). Only "none" (identity) exists now; quantizing
-codecs register here and change nothing else.
+Codecs live in ``kdn_hf.codec`` (``CODECS`` maps a name to a :class:`Codec`:
+encode kv to named tensors, decode them back); they are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
-from typing import Callable
-
 import safetensors
 import safetensors.torch
 import torch
 import xxhash
 
+from kdn_hf.codec import CODECS, Codec, get_codec  # noqa: F401  (re-exported)
 from kdn_hf.errors import ConfigError, CorruptEntryError, InputError
 from kdn_hf.kv import ChunkKV
 
@@ -52,33 +49,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-@dataclass(frozen=True)
-class Codec:
-    """How ChunkKV.kv becomes stored tensors and back.
-
-    encode(kv) -> {name: tensor}, names start with "kv"; kv is
-        [layers, 2, kv_heads, tokens, head_dim] in model dtype, contiguous, CPU.
-    decode(tensors, dtype, shape) -> kv of exactly ``dtype`` and ``shape``
-        (raise CorruptEntryError when the tensors cannot make it).
-    """
-
-    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-    decode: Callable[[dict[str, torch.Tensor], torch.dtype, tuple[int, ...]], torch.Tensor]
-
-
-def _none_encode(kv: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"kv": kv}
-
-
-def _none_decode(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if set(tensors) != {"kv"}:
-        raise CorruptEntryError(f"codec 'none' expects one tensor 'kv', found {sorted(tensors)}")
-    return tensors["kv"]
-
-
-CODECS: dict[str, Codec] = {"none": Codec(_none_encode, _none_decode)}
 
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -105,7 +75,7 @@ def encode_entry(key: str, chunk: ChunkKV, fingerprint: str, codec: str = "none"
     Raises ConfigError for an unknown codec or a kv dtype outside DTYPES, and
     InputError for non-string ChunkKV.meta items.
     """
-    if codec not in CODECS:
+    if get_codec(codec) is None:
         raise ConfigError(f"unknown codec {codec!r}; available: {sorted(CODECS)}")
     kv = chunk.kv.detach().to("cpu").contiguous()
     if kv.dtype not in _DTYPE_NAMES:
@@ -113,7 +83,7 @@ def encode_entry(key: str, chunk: ChunkKV, fingerprint: str, codec: str = "none"
     for k, v in chunk.meta.items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise InputError(f"ChunkKV.meta must map str to str, got {k!r}: {v!r}")
-    tensors = {name: t.contiguous() for name, t in CODECS[codec].encode(kv).items()}
+    tensors = {name: t.contiguous() for name, t in get_codec(codec).encode(kv).items()}
     if not tensors or not all(name.startswith("kv") for name in tensors):
         raise ConfigError(f"codec {codec!r} must return tensors named 'kv...', got {sorted(tensors)}")
     tensors["positions"] = chunk.positions.detach().to("cpu", torch.int64).contiguous()
@@ -131,6 +101,11 @@ def encode_entry(key: str, chunk: ChunkKV, fingerprint: str, codec: str = "none"
     metadata.update({META_PREFIX + k: v for k, v in chunk.meta.items()})
     metadata["checksum"] = _checksum(tensors, metadata)
     return safetensors.torch.save(tensors, metadata)
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The entry's metadata (unverified: check it with decode_entry); raises CorruptEntryError."""
+    return _read_metadata(bytes(data))
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
@@ -187,7 +162,7 @@ def decode_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch
         raise CorruptEntryError(
             f"entry fingerprint {meta.get('fingerprint')!r} differs from the model's {fingerprint!r}"
         )
-    codec = CODECS.get(meta.get("codec", ""))
+    codec = get_codec(meta.get("codec", ""))
     if codec is None:
         raise CorruptEntryError(f"entry codec {meta.get('codec')!r} is unknown; available: {sorted(CODECS)}")
     dtype = DTYPES.get(meta.get("dtype", ""))
@@ -201,7 +176,11 @@ def decode_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch
         if t is None or t.dtype != torch.int64 or tuple(t.shape) != (shape[3],):
             found = None if t is None else (t.dtype, tuple(t.shape))
             raise CorruptEntryError(f"entry {name} should be int64 [{shape[3]}], found {found}")
-    kv = codec.decode(tensors, dtype, shape)
+    tensors = {name: t.to(device) for name, t in tensors.items()}
+    try:
+        kv = codec.decode(tensors, dtype, shape)
+    except (RuntimeError, ValueError, IndexError) as e:  # a forged entry whose tensors cannot make the shape
+        raise CorruptEntryError(f"entry kv cannot be decoded by codec {meta.get('codec')!r}: {e}") from e
     if kv.dtype != dtype or tuple(kv.shape) != shape:
         raise CorruptEntryError(
             f"entry kv is {kv.dtype} {tuple(kv.shape)} but its metadata says {dtype} {shape}"

@@ -67,6 +67,11 @@ class MemoryTier(StorageTier):
         with self._lock:
             return self._remove(key)
 
+    def peek(self, key: str) -> bytes | None:
+        check_key(key)
+        with self._lock:
+            return self._data.get(key)
+
     def note_corrupt(self, key: str) -> None:
         with self._lock:
             self._stats.corrupt += 1

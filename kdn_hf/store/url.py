@@ -67,11 +67,13 @@ def open_store(
     *,
     memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     disk_budget: int | str = DEFAULT_DISK_BUDGET,
+    write: str = "through",
 ) -> KVStore:
     """Open the tier chain ``spec`` describes (see the module docstring).
 
     ``memory_budget`` / ``disk_budget`` apply to tiers whose URL has no
-    ``?budget=``. Raises StoreError for an unknown scheme, a missing optional
+    ``?budget=``; ``write`` is the chain's write policy ("through" or "back",
+    see KVStore). Raises StoreError for an unknown scheme, a missing optional
     tier, or a path that cannot be a store directory.
     """
     if isinstance(spec, KVStore):
@@ -100,7 +102,12 @@ def open_store(
         for t in tiers:
             t.close()
         raise
-    return KVStore(tiers)
+    try:
+        return KVStore(tiers, write=write)
+    except ConfigError as e:
+        for t in tiers:
+            t.close()
+        raise StoreError(str(e)) from e
 
 
 def _check_parent_exists(spec: StoreSpec) -> None:

@@ -1,0 +1,212 @@
+"""``kdn bench``: TTFT and quality of full / prefix / reuse / blend on the rag workload.
+
+Each result is one row (a plain dict) per (context length, method): timings from
+``--timing-cases`` requests (median of ``--reps``, store warm), quality from
+``--questions`` requests against full prefill on the same prompt ids. Rows are
+printed as a table, written to ``--json`` and plotted to ``--plot``; new
+columns (store tier, codec, ...) are new keys of the same dicts.
+
+Methods:
+
+- ``full``:   ordinary prefill of the whole prompt.
+- ``prefix``: an exact-prefix cache (vLLM/SGLang style) warm for the system
+  prompt only: the request's documents came in an order not seen before.
+- ``reuse``:  stored chunk KV, re-rotated, no recompute (ratio 0).
+- ``blend@r/sel``: reuse plus selective recompute of ratio r with selection sel.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdn_hf.bench.quality import _crop, greedy, score
+from kdn_hf.bench.workload import RagCase, rag_cases
+from kdn_hf.errors import ConfigError
+
+METHODS = ("full", "prefix", "reuse", "blend")
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    mode: str
+    ratio: float = 0.0
+    selection: str = "kdn"
+
+
+def methods_from(names, ratios, selections) -> list[Method]:
+    """Expand --methods x --ratios x --selection into Methods (blend only takes ratios/selections)."""
+    from kdn_hf.blend import get_selection
+
+    out = []
+    for name in names:
+        if name not in METHODS:
+            raise ConfigError(f"--methods takes names from {METHODS}, got {name!r}")
+        if name != "blend":
+            out.append(Method(name, name))
+            continue
+        for r in ratios:
+            if not 0.0 < r <= 1.0:
+                raise ConfigError(f"--ratios must lie in (0, 1], got {r}")
+            for s in selections:
+                get_selection(s)
+                out.append(Method(f"blend@{r:g}/{s}", "blend", r, s))
+    return out
+
+
+def _chunk_lists(case: RagCase):
+    return [list(c) for c in case.chunks]
+
+
+def _drop_prefix_entries(kdn, chunks) -> None:
+    ctx: list[int] = list(kdn.lead_in)
+    units = list(chunks)
+    for i, ids in enumerate(units):
+        if i > 0:  # keep the system prompt's entry: the prefix cache is warm for it
+            kdn.store.delete(kdn.chunk_key(ids, kind="prefix", context=ctx))
+        ctx += list(ids)
+
+
+def time_method(kdn, m: Method, cases: list[RagCase], reps: int) -> dict:
+    """Median TTFT (s) over cases x reps, with the per-request stats of the last one."""
+    ttfts, last = [], None
+    for case in cases:
+        chunks = _chunk_lists(case)
+        kdn.ingest(chunks[:-1], progress=False)  # warm store
+        if m.mode == "prefix":  # system prompt cached, documents in a new order
+            kdn.generate(chunks[:1] + ["x"], max_new_tokens=1, mode="prefix")
+        for _ in range(reps):
+            if m.mode == "prefix":
+                _drop_prefix_entries(kdn, chunks[:-1])
+            res = kdn.generate(chunks, max_new_tokens=1, mode=m.mode, recompute_ratio=m.ratio,
+                               selection=m.selection)
+            ttfts.append(res.stats.ttft_s)
+            last = res.stats
+    return {"ttft_s": statistics.median(ttfts), "tokens_recomputed": last.tokens_recomputed,
+            "bytes_loaded": last.bytes_loaded, "tokens_total": last.tokens_total}
+
+
+def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, log=print) -> dict[str, dict]:
+    """Per method label: mean KL, agreement, answer NLL and accuracy over ``cases`` (vs full)."""
+    model, tok = kdn.model, kdn.tokenizer
+    acc: dict[str, dict[str, list]] = {m.label: {"kl": [], "agree": [], "nll": [], "correct": []} for m in methods}
+    for n, case in enumerate(cases):
+        ctx = _chunk_lists(case)[:-1]
+        full = kdn.prepare(ctx, mode="full")
+        cont = greedy(model, full, list(case.suffix), tf_tokens)
+        _crop(full, sum(len(c) for c in ctx) + len(kdn.lead_in))
+        ref = score(model, tok, full, case.suffix, cont, case.answers)
+        for m in methods:
+            if m.mode == "prefix":  # exact prefix KV: full prefill's quality by construction
+                continue
+            if m.mode == "full":
+                r = ref
+            else:
+                cache = kdn.prepare(ctx, mode=m.mode, recompute_ratio=m.ratio, selection=m.selection)
+                r = score(model, tok, cache, case.suffix, cont, case.answers, ref_first=ref["first_logp"])
+            for k in ("kl", "agree", "nll", "correct"):
+                acc[m.label][k].append(float(r[k]))
+        if log:
+            log(f"  quality {n + 1}/{len(cases)} [{case.kind}] full: {ref['answer'][:40]!r}")
+    out = {}
+    for label, d in acc.items():
+        if not d["kl"]:
+            continue
+        out[label] = {"kl_mean": statistics.fmean(d["kl"]), "kl_median": statistics.median(d["kl"]),
+                      "top1_agree": statistics.fmean(d["agree"]), "answer_nll": statistics.fmean(d["nll"]),
+                      "accuracy": statistics.fmean(d["correct"]), "n_questions": len(d["kl"])}
+    return out
+
+
+def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps: int = 3,
+              timing_cases: int = 2, questions: int = 50, tf_tokens: int = 32, store_name: str = "memory",
+              log=print) -> list[dict]:
+    """Rows of results, one per (doc_tokens, method). See the module docstring."""
+    rows = []
+    for n_tok in doc_tokens:
+        cases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok)
+        if not cases:
+            raise ConfigError(f"no dev QA question fits documents cut to {n_tok} tokens")
+        timed = cases[:timing_cases]
+        log(f"[rag k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
+        # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
+        kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
+        times = {}
+        for m in methods:
+            times[m.label] = time_method(kdn, m, timed, reps)
+            log(f"  {m.label:24s} TTFT {times[m.label]['ttft_s'] * 1000:8.1f} ms")
+        qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions) if questions else []
+        qual = quality(kdn, methods, qcases, tf_tokens, log=log) if qcases else {}
+        base = times["full"]["ttft_s"] if "full" in times else None
+        for m in methods:
+            t = times[m.label]
+            row = {"workload": "rag", "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
+                   "store": store_name, "method": m.label, "mode": m.mode,
+                   "ratio": m.ratio if m.mode == "blend" else 0.0,
+                   "selection": m.selection if m.mode == "blend" else None,
+                   "ttft_ms": t["ttft_s"] * 1000, "speedup": (base / t["ttft_s"]) if base else None,
+                   "tokens_recomputed": t["tokens_recomputed"], "bytes_loaded": t["bytes_loaded"]}
+            q = qual.get(m.label) or (qual.get("full") if m.mode == "prefix" else None) or {}
+            row.update({key: q.get(key) for key in ("kl_mean", "kl_median", "top1_agree", "answer_nll",
+                                                    "accuracy", "n_questions")})
+            rows.append(row)
+    return rows
+
+
+COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
+           ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7), ("bytes_loaded", "{:.1f}", 8),
+           ("kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7), ("answer_nll", "{:.3f}", 7),
+           ("accuracy", "{:.1%}", 7)]
+HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp",
+           "bytes_loaded": "MiB_load", "kl_mean": "KL", "top1_agree": "top1", "answer_nll": "ans_NLL",
+           "accuracy": "acc"}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["  ".join(f"{HEADERS.get(c, c):>{w}}" for c, _, w in COLUMNS)]
+    for r in rows:
+        cells = []
+        for c, fmt, w in COLUMNS:
+            v = r.get(c)
+            if c == "bytes_loaded" and v is not None:
+                v = v / 2**20
+            cells.append(f"{('-' if v is None else fmt.format(v)):>{w}}")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """TTFT and first-token KL by method and context length (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label in labels:
+        rs = sorted((r for r in rows if r["method"] == label), key=lambda r: r["context_tokens"])
+        x = [r["context_tokens"] for r in rs]
+        a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label)
+        if all(r.get("kl_mean") is not None for r in rs):
+            a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label)
+    a1.set(xlabel="context tokens", ylabel="TTFT (ms, median)", title="time to first token")
+    a2.set(xlabel="context tokens", ylabel="first-token KL vs full (nats)", title="quality", yscale="log")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(rows: list[dict], path: str, config: dict) -> None:
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Path(path).write_text(json.dumps({"config": config, "env": env, "rows": rows}, indent=1) + "\n")

@@ -1,0 +1,98 @@
+"""The ``rag`` workload: k documents of real text, a system prompt and a question.
+
+Documents and questions come from the dev QA set shipped in
+``kdn_hf/data/dev_qa.json`` (SQuAD v2.0 passages, CC BY-SA 4.0, plus planted
+facts; see its ``source``/``license`` fields and ``scripts/make_dev_qa.py``).
+Each question's prompt holds its gold document and ``k - 1`` distractors from
+other articles, the gold one at a position that cycles with the question index,
+so every layout is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+SYSTEM = ("You are a helpful assistant. Answer the question with a few words, using only the "
+          "documents below.\n\n")
+
+
+@lru_cache(maxsize=1)
+def dev_qa() -> dict:
+    """The dev QA set: {"documents": [{id, title, text}], "questions": [{id, doc, kind, question, answers}]}."""
+    return json.loads(resources.files("kdn_hf").joinpath("data/dev_qa.json").read_text(encoding="utf-8"))
+
+
+@dataclass(frozen=True)
+class RagCase:
+    """One request. chunks: [system, doc_1..doc_k, question] as token-id tuples (the question
+    last, prefilled fresh). answers: accepted answer strings. kind: "squad" or "planted"."""
+
+    qid: str
+    chunks: tuple[tuple[int, ...], ...]
+    answers: tuple[str, ...]
+    kind: str
+    gold_index: int
+
+    @property
+    def context(self) -> tuple[tuple[int, ...], ...]:
+        return self.chunks[:-1]
+
+    @property
+    def suffix(self) -> tuple[int, ...]:
+        return self.chunks[-1]
+
+
+def _normal(s: str) -> str:
+    return " ".join("".join(c.lower() if c.isalnum() else " " for c in s).split())
+
+
+def answer_found(text: str, answers) -> bool:
+    """True if any answer appears in the first line of ``text`` (case and punctuation ignored)."""
+    line = _normal(text.strip().split("\n")[0])
+    return any(_normal(a) and _normal(a) in line for a in answers)
+
+
+def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = None,
+              kinds: tuple[str, ...] = ("squad", "planted")) -> list[RagCase]:
+    """The rag requests for ``k`` documents cut to at most ``doc_tokens`` tokens each.
+
+    Questions whose answer falls past the cut are left out. ``limit`` keeps the first
+    ones after interleaving kinds (planted, squad, planted, ...), so a small limit
+    still mixes both.
+    """
+    data = dev_qa()
+    docs = data["documents"]
+    by_id = {d["id"]: i for i, d in enumerate(docs)}
+    enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    sep = enc("\n\n")
+    cut = {}
+    for d in docs:
+        ids = enc(d["text"])[:doc_tokens]
+        cut[d["id"]] = (ids + sep, tokenizer.decode(ids))
+    system = enc(SYSTEM)
+    cases = []
+    for n, q in enumerate(data["questions"]):
+        if q["kind"] not in kinds:
+            continue
+        gold = by_id[q["doc"]]
+        if not any(a in cut[q["doc"]][1] for a in q["answers"]):
+            continue
+        article = q["doc"].split("-")[0]
+        others = [d["id"] for d in docs[gold + 1:] + docs[:gold] if d["id"].split("-")[0] != article]
+        step = max(1, len(others) // max(1, k - 1))
+        picked = [others[(n * 5 + j * step) % len(others)] for j in range(k - 1)]
+        at = n % k
+        layout = picked[:at] + [q["doc"]] + picked[at:]
+        question = enc(f"Question: {q['question']}\nAnswer:")
+        chunks = (system, *(cut[i][0] for i in layout), question)
+        cases.append(RagCase(q["id"], chunks, tuple(q["answers"]), q["kind"], at))
+    if limit is not None:
+        planted = [c for c in cases if c.kind == "planted"]
+        squad = [c for c in cases if c.kind != "planted"]
+        mixed = [c for pair in zip(planted, squad) for c in pair]
+        mixed += planted[len(squad):] + squad[len(planted):]
+        cases = mixed[:limit]
+    return cases

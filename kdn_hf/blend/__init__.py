@@ -1,0 +1,33 @@
+"""Blending: selective recompute of composed chunk KV (CacheBlend, with a correct causal mask).
+
+    from kdn_hf.blend import recompute, get_selection, SELECTIONS
+    res = recompute(model, kv, token_ids, spans, ratio=0.15, selection=get_selection("kdn"))
+
+``KDN.prepare``/``KDN.generate`` call this for ``mode="blend"``; see
+``selection.py`` for the strategies and ``recompute.py`` for the algorithm.
+"""
+
+from kdn_hf.blend.recompute import RecomputeResult, causal_mask, recompute
+from kdn_hf.blend.selection import (
+    SELECTIONS,
+    CacheBlendSelection,
+    KDNSelection,
+    Selection,
+    SelectionInput,
+    get_selection,
+)
+
+DEFAULT_SELECTION = "kdn"
+
+__all__ = [
+    "DEFAULT_SELECTION",
+    "SELECTIONS",
+    "CacheBlendSelection",
+    "KDNSelection",
+    "RecomputeResult",
+    "Selection",
+    "SelectionInput",
+    "causal_mask",
+    "get_selection",
+    "recompute",
+]
