@@ -14,8 +14,11 @@ passes to ``update``. Two traps of stock generate are handled here:
 - A cache that covers *every* input id makes generate feed the whole input
   again, at positions already cached, with a mask that puts those tokens
   after the cache: attention would be silently wrong. The layer sees fed
-  positions below its length and raises KDNCacheError before anything is
-  computed, saying to leave at least one token uncached.
+  positions below its length (transformers >= 5.24 passes them to
+  ``update``; with older versions layer 0 recognises the re-fed tokens by
+  their layer-0 V, which depends on the token alone) and raises
+  KDNCacheError before anything is computed, saying to leave at least one
+  token uncached.
 - ``num_return_sequences`` / beam search run with batch > 1 but never expand
   a user-supplied cache: a layer holding batch 1 expands itself to the batch
   of the first update that asks for more.
@@ -62,6 +65,8 @@ class KDNLayer(DynamicLayer):
                  positions: torch.Tensor | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.positions = torch.zeros(0, dtype=torch.long)
+        #: set on layer 0 by KDNCache: detect a re-fed input by its layer-0 V when positions are not passed
+        self.detect_refeed = False
         if keys is not None:
             if values is None or positions is None:
                 raise ValueError("KDNLayer needs keys, values and positions together")
@@ -74,8 +79,13 @@ class KDNLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         cached = self.get_seq_length()
-        pos = _positions_from_update_args(args, kwargs)
-        pos = torch.arange(cached, cached + q) if pos is None else pos.detach().to("cpu", torch.long)
+        known = _positions_from_update_args(args, kwargs)
+        pos = torch.arange(cached, cached + q) if known is None else known.detach().to("cpu", torch.long)
+        if known is None and self.detect_refeed and cached and q == cached and self._same_values(value_states):
+            # transformers < 5.24 passes no positions to update; a forward that feeds exactly as many
+            # tokens as are cached, whose layer-0 V (a function of the token alone) equals the cached V,
+            # is generate re-feeding the input the cache already covers
+            pos = self.positions.clone()
         if cached and q and int(pos[0]) < cached:
             raise KDNCacheError(
                 f"the model fed {q} tokens at positions {int(pos[0])}..{int(pos[-1])}, but this cache already "
@@ -93,6 +103,10 @@ class KDNLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, pos])
         return self.keys, self.values
+
+    def _same_values(self, value_states: torch.Tensor) -> bool:
+        fed, held = value_states[:1].float(), self.values[:1].float()
+        return fed.shape == held.shape and torch.allclose(fed, held, rtol=1e-3, atol=1e-4)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -140,6 +154,7 @@ class KDNCache(DynamicCache):
         self.layers = [
             KDNLayer(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), positions) for i in range(kv.shape[0])
         ]
+        self.layers[0].detect_refeed = True
         self.token_ids = token_ids.to(torch.long).cpu()
 
     @property

@@ -8,8 +8,15 @@ import torch
 from kdn_hf import KDN, KDNCache
 from kdn_hf.errors import KDNCacheError
 from kdn_hf.compat import cache_kwarg
+from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
+from kdn_hf.rope import rerotate
 
 SYSTEM = "You are a helpful assistant. Answer the question using the documents.\n\n"
+
+
+def _lead(kdn) -> int:
+    """1 if the tokenizer starts sequences with BOS (the lead-in is then one more stored unit)."""
+    return 1 if kdn.lead_in else 0
 
 
 def _plain_greedy(model, ids, n):
@@ -30,13 +37,14 @@ def test_single_chunk_and_prefix_mode_match_plain_generate(kdn, smol, docs):
     cold = kdn.generate(chunks, max_new_tokens=12, mode="prefix")
     warm = kdn.generate(chunks, max_new_tokens=12, mode="prefix")
     assert cold.token_ids == ref and warm.token_ids == ref
-    assert cold.stats.hit_count == 0 and cold.stats.misses == 3
-    assert warm.stats.hit_count == 3 and warm.stats.misses == 0
+    units = 3 + _lead(kdn)  # the lead-in (BOS, where the tokenizer adds one) is a prefix unit too
+    assert cold.stats.hit_count == 0 and cold.stats.misses == units
+    assert warm.stats.hit_count == units and warm.stats.misses == 0
     q_len = len(kdn.tokenizer(question, add_special_tokens=False)["input_ids"])
     assert warm.stats.tokens_computed == q_len
     # a different first chunk invalidates every prefix entry after it
     other = kdn.generate([docs[2] + "\n\n"] + chunks[1:], max_new_tokens=4, mode="prefix")
-    assert other.stats.hit_count == 0
+    assert other.stats.hit_count == _lead(kdn)
 
 
 def test_reuse_through_stock_generate_computes_only_the_suffix(kdn, smol, docs):
@@ -46,13 +54,13 @@ def test_reuse_through_stock_generate_computes_only_the_suffix(kdn, smol, docs):
     kdn.ingest(chunks[:-1])
     res = kdn.generate(chunks, max_new_tokens=10, mode="reuse")
     q_len = len(tok(question, add_special_tokens=False)["input_ids"])
-    assert res.stats.misses == 0 and res.stats.hit_count == 3
+    assert res.stats.misses == 0 and res.stats.hit_count == 3 + _lead(kdn)
     assert res.stats.tokens_computed == q_len
     assert res.stats.tokens_reused == len(res.prompt_ids) - q_len
     assert res.stats.bytes_loaded > 0 and 0 < res.stats.ttft_s <= res.stats.total_s
 
     # the HF way gives the same tokens
-    cache = kdn.prepare(chunks[:-1])
+    cache = kdn.prepare(chunks[:-1], mode="reuse")
     assert isinstance(cache, KDNCache)
     assert cache.token_ids.tolist() == res.prompt_ids[: cache.get_seq_length()]
     assert cache.get_seq_length() == len(res.prompt_ids) - q_len
@@ -73,23 +81,25 @@ def test_reuse_equals_cold_for_any_order_miss_and_repeat(kdn, docs):
     ]
     for chunks in layouts:
         warm = kdn.generate(chunks, max_new_tokens=6, mode="reuse")
-        cache = kdn.prepare(chunks[:-1])
-        # every chunk's K must equal a fresh computation placed at the same offset
-        model = kdn.model
+        cache = kdn.prepare(chunks[:-1], mode="reuse")
         for (s, e), text in zip(cache.chunk_spans, chunks[:-1]):
             ids = torch.tensor(kdn.tokenizer(text, add_special_tokens=False)["input_ids"])
-            from kdn_hf.compute import prefill, stack_cache
-
-            fresh, _ = prefill(model, ids, torch.arange(s, e))
+            if kdn.lead_in:  # chunks are computed after BOS: compare with that computation, moved to s..e
+                ref = compute_chunk_kv(kdn.model, ids, lead_in=torch.tensor(kdn.lead_in))
+                k = rerotate(ref.keys, ref.positions, torch.arange(s, e), kdn.rope_spec)
+                want = torch.stack([k, ref.values], dim=1)
+            else:  # a chunk alone at s..e: its KV must equal a fresh forward at those positions
+                fresh, _ = prefill(kdn.model, ids, torch.arange(s, e))
+                want = stack_cache(fresh)
             got = torch.stack([torch.stack([l.keys[0, :, s:e], l.values[0, :, s:e]]) for l in cache.layers])
-            assert (got - stack_cache(fresh)).abs().max().item() < 1e-3
+            assert (got - want).abs().max().item() < 1e-3
         assert warm.stats.misses <= 1
 
 
 def test_cache_covering_every_input_token_is_refused_clearly(kdn, smol, docs):
     model, _ = smol
     chunks = [docs[0] + "\n\n", "Question: Where does the Amazon flow? Answer:"]
-    cache = kdn.prepare(chunks)  # covers everything: generate would re-feed the whole input
+    cache = kdn.prepare(chunks, mode="reuse")  # covers everything: generate would re-feed the whole input
     ids = cache.token_ids.tolist()
     x = torch.tensor([ids])
     with pytest.raises(KDNCacheError, match=r"prepare\(chunks\[:-1\]\)"):
@@ -111,7 +121,7 @@ def test_num_return_sequences_and_beams_with_prepared_cache(kdn, smol, docs):
     x = torch.tensor([res.prompt_ids])
     for extra in ({"num_return_sequences": 2, "do_sample": True, "top_k": 1},
                   {"num_beams": 2, "num_return_sequences": 2, "do_sample": False}):
-        cache = kdn.prepare(chunks[:-1])
+        cache = kdn.prepare(chunks[:-1], mode="reuse")
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, pad_token_id=2,
                              **{cache_kwarg(model): cache}, **extra)
         assert out.shape[0] == 2
@@ -125,21 +135,21 @@ def test_namespaces_do_not_share_entries(smol, tmp_path, docs):
     b = KDN(model, tok, store=tmp_path / "s", namespace="tenant-b")
     chunks = [docs[0] + "\n\n", "Question: Which ocean? Answer:"]
     a.ingest(chunks[:1])
-    assert b.generate(chunks, max_new_tokens=2).stats.hit_count == 0
-    assert a.generate(chunks, max_new_tokens=2).stats.hit_count == 1
+    assert b.generate(chunks, max_new_tokens=2, mode="reuse").stats.hit_count == 0
+    assert a.generate(chunks, max_new_tokens=2, mode="reuse").stats.hit_count == 1 + _lead(a)
 
 
 def test_corrupted_disk_entry_is_recomputed(kdn, docs):
     chunks = [docs[1] + "\n\n", docs[2] + "\n\n", "Question: Who was Marie Curie? Answer:"]
-    cold = kdn.generate(chunks, max_new_tokens=8)
-    files = sorted((kdn.store.tiers[0].root).rglob("*.kdn"))
-    assert len(files) == 2
-    data = bytearray(files[0].read_bytes())
+    cold = kdn.generate(chunks, max_new_tokens=8, mode="reuse")
+    files = sorted((kdn.store.tiers[0].root).rglob("*.kdn"), key=lambda f: -f.stat().st_size)
+    assert len(files) == 2 + _lead(kdn)
+    data = bytearray(files[0].read_bytes())  # the largest: a document, not the lead-in
     data[len(data) // 2] ^= 0x10  # one bit flip inside the tensor data
     files[0].write_bytes(bytes(data))
-    again = kdn.generate(chunks, max_new_tokens=8)
-    assert again.stats.misses == 1 and again.stats.hit_count == 1
+    again = kdn.generate(chunks, max_new_tokens=8, mode="reuse")
+    assert again.stats.misses == 1 and again.stats.hit_count == 1 + _lead(kdn)
     assert again.token_ids == cold.token_ids
     assert kdn.store.stats()["disk"].corrupt == 1
-    third = kdn.generate(chunks, max_new_tokens=8)  # recomputed entry was stored back
-    assert third.stats.hit_count == 2 and third.token_ids == cold.token_ids
+    third = kdn.generate(chunks, max_new_tokens=8, mode="reuse")  # recomputed entry was stored back
+    assert third.stats.hit_count == 2 + _lead(kdn) and third.token_ids == cold.token_ids

@@ -36,7 +36,7 @@ def test_empty_and_malformed_chunks(kdn):
 def test_bad_options(kdn):
     with pytest.raises(ConfigError, match="mode must be one of"):
         kdn.generate(["doc", "q"], mode="turbo")
-    with pytest.raises(ConfigError, match=r"recompute_ratio must lie in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"recompute_ratio must be a number in \[0, 1\]"):
         kdn.generate(["doc", "q"], mode="reuse", recompute_ratio=1.5)
     with pytest.raises(ConfigError, match="max_new_tokens"):
         kdn.generate(["doc", "q"], max_new_tokens=0)
