@@ -2,7 +2,7 @@
 
     kdn ingest docs/ --max-tokens 512          store every chunk's KV
     kdn ask --doc a.md --doc b.md "question"   answer, TTFT and hit stats
-    kdn store stats                            what the store holds
+    kdn store stats|ls|verify|gc|rm            what the store holds; check, trim, remove entries
     kdn demo                                   full vs reuse, cold and warm store
 
 Every command takes ``--store`` (a path, ``file://``, ``memory://``; repeat it
@@ -27,12 +27,14 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         p.add_argument("--model", default="smollm2-135m", help="bundled model name or local model directory")
         p.add_argument("--namespace", default="default", help="tenant namespace of the stored entries")
+        p.add_argument("--codec", default="none",
+                       help="stored KV codec: none, fp16, bf16, int8, int4, int4-g<N>, entropy (part of the key)")
 
 
 def _kdn(args):
     from kdn_hf import KDN
 
-    return KDN.from_pretrained(args.model, store=args.store, namespace=args.namespace)
+    return KDN.from_pretrained(args.model, store=args.store, namespace=args.namespace, codec=args.codec)
 
 
 def _doc_chunks(kdn, paths, max_tokens: int) -> list[str]:
@@ -62,7 +64,8 @@ def cmd_ask(args) -> int:
     if args.system:
         chunks.insert(0, args.system.rstrip() + "\n\n")
     chunks.append(args.question if args.raw else f"Question: {args.question.strip()}\nAnswer:")
-    res = kdn.generate(chunks, max_new_tokens=args.max_new_tokens, mode=args.mode)
+    res = kdn.generate(chunks, max_new_tokens=args.max_new_tokens, mode=args.mode,
+                       recompute_ratio=args.recompute_ratio, selection=args.selection)
     s = res.stats
     if args.json:
         print(json.dumps({"text": res.text, "stats": s.as_dict()}, indent=1))
@@ -85,6 +88,79 @@ def cmd_store_stats(args) -> int:
     for name, st in stats.items():
         print(f"{name:10s} {st['entries']:6d} entries  {st['bytes_used'] / 2**20:9.1f} MiB used of "
               f"{st['byte_budget'] / 2**20:.0f} MiB")
+    return 0
+
+
+def cmd_store_ls(args) -> int:
+    from kdn_hf.store import open_store
+    from kdn_hf.store.entry import read_metadata
+    from kdn_hf.errors import CorruptEntryError
+
+    store = open_store(args.store)
+    rows = []
+    for name, tier in zip(store.names, store.tiers):
+        for key in tier.keys():
+            data = tier.peek(key)
+            if data is None:
+                continue
+            try:
+                meta = read_metadata(data)
+            except CorruptEntryError:
+                meta = {"codec": "?", "num_tokens": "?", "dtype": "unreadable", "fingerprint": "?"}
+            rows.append({"tier": name, "key": key, "bytes": len(data), "codec": meta.get("codec", "?"),
+                         "tokens": meta.get("num_tokens", "?"), "dtype": meta.get("dtype", "?"),
+                         "fingerprint": meta.get("fingerprint", "?")})
+            if args.limit and len(rows) >= args.limit:
+                break
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        print(f"{r['tier']:8s} {r['key']}  {r['bytes'] / 2**10:9.1f} KiB  {r['codec']:8s} {r['tokens']:>6} tok  "
+              f"{r['dtype']:9s} fp {r['fingerprint'][:12]}")
+    print(f"{len(rows)} entries", file=sys.stderr)
+    return 0
+
+
+def cmd_store_verify(args) -> int:
+    from kdn_hf.store import open_store
+
+    fingerprint = None
+    if args.model:
+        from kdn_hf import models
+        from kdn_hf.fingerprint import model_fingerprint
+
+        fingerprint = model_fingerprint(models.load(args.model)[0]).digest
+    store = open_store(args.store)
+    report = store.verify(fingerprint, remove=not args.keep)
+    for tier, key, reason in report.bad:
+        print(f"{tier:8s} {key}  {'kept' if args.keep else 'removed'}: {reason}")
+    print(f"checked {report.checked} entries: {len(report.bad)} bad"
+          + ("" if fingerprint else " (fingerprints not checked: pass --model to check them)"), file=sys.stderr)
+    return 1 if report.bad else 0
+
+
+def cmd_store_gc(args) -> int:
+    from kdn_hf.store import open_store
+
+    kw = {"disk_budget": args.budget, "memory_budget": args.budget} if args.budget else {}
+    store = open_store(args.store, **kw)  # opening a disk tier already trims it to its budget
+    store.trim()
+    for name, st in store.stats().items():
+        print(f"{name:10s} {st.entries:6d} entries  {st.bytes_used / 2**20:9.1f} MiB of "
+              f"{st.byte_budget / 2**20:.0f} MiB  ({st.evictions} evicted)")
+    return 0
+
+
+def cmd_store_rm(args) -> int:
+    from kdn_hf.store import open_store
+
+    if not args.keys and not args.all:
+        raise SystemExit("kdn store rm: name the keys to remove (see `kdn store ls`), or pass --all")
+    store = open_store(args.store)
+    keys = sorted({k for t in store.tiers for k in t.keys()}) if args.all else args.keys
+    removed = sum(store.delete(k) for k in keys)
+    print(f"removed {removed} of {len(keys)} keys")
     return 0
 
 
@@ -127,6 +203,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_store(args) -> int:
+    from kdn_hf import models
+    from kdn_hf.bench.delivery import format_table, run_delivery_bench
+    from kdn_hf.bench.run import write_json
+
+    model, tok = models.load(args.model)
+    rows = run_delivery_bench(model, tok, codecs=_names(args.codec), stores=args.store, k=args.k,
+                              doc_tokens=args.doc_tokens, reps=args.reps, questions=args.questions,
+                              log=lambda m: print(m, file=sys.stderr))
+    print(format_table(rows))
+    if args.json:
+        write_json(rows, args.json, {k: v for k, v in vars(args).items() if k != "func"})
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdn", description="kdn_hf: reusable KV caches for LLM knowledge")
     ap.add_argument("-v", "--verbose", action="store_true", help="log store and cache events")
@@ -142,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--doc", action="append", default=[], help="a document file or folder (repeatable)")
     p.add_argument("--system", default=None, help="system prompt placed before the documents")
-    p.add_argument("--mode", default="reuse", choices=["full", "prefix", "reuse"])
+    p.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
+    p.add_argument("--recompute-ratio", type=float, default=0.15, help="blend: fraction of tokens recomputed")
+    p.add_argument("--selection", default="cacheblend", help="blend: token selection strategy (cacheblend, kdn)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512, help="chunk size used when the docs were ingested")
     p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
@@ -156,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     _common(q, model=False)
     q.set_defaults(func=cmd_store_stats)
+    q = ssub.add_parser("ls", help="list entries: tier, key, size, codec, tokens, dtype, fingerprint")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--limit", type=int, default=0, help="list at most this many per tier (0: all)")
+    _common(q, model=False)
+    q.set_defaults(func=cmd_store_ls)
+    q = ssub.add_parser("verify", help="read every entry, check checksum/key/codec/shape; remove bad ones (exit 1 if any)")
+    q.add_argument("--model", default=None, help="also check fingerprints against this model")
+    q.add_argument("--keep", action="store_true", help="report bad entries without removing them")
+    _common(q, model=False)
+    q.set_defaults(func=cmd_store_verify)
+    q = ssub.add_parser("gc", help="evict least recently used entries down to each tier's budget")
+    q.add_argument("--budget", default=None, help="budget for tiers whose URL names none, e.g. 2GiB")
+    _common(q, model=False)
+    q.set_defaults(func=cmd_store_gc)
+    q = ssub.add_parser("rm", help="remove entries by key (or all of them)")
+    q.add_argument("keys", nargs="*", help="store keys (see `kdn store ls`)")
+    q.add_argument("--all", action="store_true", help="remove every entry of every tier")
+    _common(q, model=False)
+    q.set_defaults(func=cmd_store_rm)
 
     p = sub.add_parser("bench", help="TTFT and quality of full / prefix / reuse / blend (rag workload)")
     p.add_argument("--workload", default="rag", help="workload name (rag: k documents + system prompt + question)")
@@ -172,6 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default=None, help="write a PNG plot (TTFT and KL by method and length)")
     _common(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-store", help="storage/codec bench: bytes/token, decode, KL, TTFT per tier, ingest")
+    p.add_argument("--codec", default="none,fp16,int8,int4,entropy", help="codecs, comma list")
+    p.add_argument("--k", type=int, default=4, help="documents per prompt")
+    p.add_argument("--doc-tokens", type=int, default=512, help="document length in tokens")
+    p.add_argument("--reps", type=int, default=5, help="repetitions per timing (median reported)")
+    p.add_argument("--questions", type=int, default=10, help="dev QA questions for the KL columns (0: none)")
+    p.add_argument("--json", default=None, help="write rows + config as JSON here")
+    p.add_argument("--store", action="append", default=None,
+                   help="store URL or path to time (repeatable, one row per store; default: memory + temp disk)")
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name or local model directory")
+    p.set_defaults(func=cmd_bench_store)
 
     p = sub.add_parser("demo", help="full vs reuse on the bundled model, cold and warm store")
     p.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median reported)")

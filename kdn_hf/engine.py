@@ -32,6 +32,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from kdn_hf.blend import DEFAULT_SELECTION
 from kdn_hf.cache import KDNCache
+from kdn_hf.codec import check_codec
+from kdn_hf.delivery import ChunkLoader, start_loading
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
 from kdn_hf.errors import ConfigError, InputError
@@ -95,7 +97,7 @@ class KDN:
         self.tokenizer = tokenizer
         self.store: KVStore = open_store(store)
         self.namespace = namespace
-        self.codec = codec
+        self.codec = check_codec(codec)
         self.fingerprint = model_fingerprint(model)
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_positions: int | None = getattr(text_cfg, "max_position_embeddings", None)
@@ -148,6 +150,10 @@ class KDN:
                     f"split it into smaller chunks (e.g. `kdn ingest --max-tokens 512`)"
                 )
         keys = [self.chunk_key(ids, context=self.lead_in) for ids in ids_list]
+        if self.lead_in:  # every prompt opens with the lead-in: store it too, so a warm prompt is all hits
+            lead_key = self.chunk_key(self.lead_in)
+            if not self.store.contains(lead_key):
+                self._compute_and_store(self.lead_in, lead_key, ())
         show = progress if progress is not None else len(ids_list) > 1
         for ids, key in tqdm(list(zip(ids_list, keys)), desc="ingest", unit="chunk", disable=not show):
             if not self.store.contains(key):
@@ -202,13 +208,14 @@ class KDN:
         stats.tokens_computed = len(ids)
         return cache
 
-    def _fetch(self, key: str, ids: Sequence[int], stats: PrepareStats) -> ChunkKV | None:
-        chunk, tier = self.store.get(key, self.fingerprint.digest)
+    def _fetch(self, key: str, ids: Sequence[int], stats: PrepareStats,
+               loader: ChunkLoader | None = None) -> ChunkKV | None:
+        chunk, tier = loader.get(key) if loader is not None else self.store.get(key, self.fingerprint.digest)
         if chunk is None:
             return None
         if chunk.token_ids.tolist() != list(ids) or not self._geometry_ok(chunk):
             log.warning("entry %s does not hold the ids/geometry its key promises; recomputing", key)
-            self.store.delete(key)
+            self.store.note_corrupt(key)
             return None
         stats.hits[tier] = stats.hits.get(tier, 0) + 1
         stats.bytes_loaded += chunk.nbytes
@@ -230,15 +237,31 @@ class KDN:
         if prompt.lead_in:
             units.append((prompt.lead_in, ()))
         units += [(ids, prompt.lead_in) for ids in prompt.chunk_ids]
+        keys = [self.chunk_key(ids, context=context) for ids, context in units]
+        # fetch + decode of the next chunks runs in the background while this loop re-rotates (kdn_hf.delivery)
+        with start_loading(self.store, keys, self.fingerprint.digest) as loader:
+            parts, at = self._compose(units, keys, loader, stats, device)
+        kv = torch.cat(parts, dim=3) if parts else None
+        if kv is None:
+            return KDNCache()
+        ids = torch.tensor(prompt.prompt_ids, dtype=torch.long)
+        if ratio > 0:  # kv is ours (torch.cat): blend it in place
+            from kdn_hf.blend import get_selection, recompute
+
+            res = recompute(self.model, kv, ids, prompt.spans, ratio, get_selection(selection))
+            stats.tokens_recomputed = int(res.selected.numel())
+        return KDNCache(kv, torch.arange(at), ids)
+
+    def _compose(self, units, keys, loader: ChunkLoader, stats: PrepareStats, device) -> tuple[list, int]:
+        """Each unit's KV (stored, or computed and stored) re-rotated to its prompt position; (parts, length)."""
         fetched: dict[str, ChunkKV] = {}
         parts, at = [], 0
-        for ids, context in units:
-            key = self.chunk_key(ids, context=context)
+        for (ids, context), key in zip(units, keys):
             chunk = fetched.get(key)
             if chunk is not None:  # the same chunk again in this prompt
                 stats.tokens_reused += len(ids)
             else:
-                chunk = self._fetch(key, ids, stats)
+                chunk = self._fetch(key, ids, stats, loader)
                 if chunk is None:
                     chunk = self._compute_and_store(ids, key, context)
                     stats.misses += 1
@@ -251,16 +274,7 @@ class KDN:
                 kv = torch.stack([k, kv[:, 1]], dim=1)
             parts.append(kv)
             at += len(ids)
-        kv = torch.cat(parts, dim=3) if parts else None
-        if kv is None:
-            return KDNCache()
-        ids = torch.tensor(prompt.prompt_ids, dtype=torch.long)
-        if ratio > 0:  # kv is ours (torch.cat): blend it in place
-            from kdn_hf.blend import get_selection, recompute
-
-            res = recompute(self.model, kv, ids, prompt.spans, ratio, get_selection(selection))
-            stats.tokens_recomputed = int(res.selected.numel())
-        return KDNCache(kv, torch.arange(at), ids)
+        return parts, at
 
     def _prepare_prefix(self, prompt: Prompt, stats: PrepareStats) -> KDNCache:
         units = ([prompt.lead_in] if prompt.lead_in else []) + list(prompt.chunk_ids)

@@ -88,7 +88,30 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own (for tests that kill or stop it)."""
+    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def redis_url(redis_server):
     """An empty Redis (flushed) and a URL to it."""
     redis_server.flush()
     return redis_server.url()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--faults", type=int, default=None,
+                     help="cases per fault-injection test (default: $KDN_TEST_FAULTS or a small number)")
+
+
+@pytest.fixture
+def fault_count(request):
+    """How many cases each fault-injection test runs: --faults N, else $KDN_TEST_FAULTS, else 20."""
+    import os
+
+    n = request.config.getoption("--faults")
+    return n if n is not None else int(os.environ.get("KDN_TEST_FAULTS", "20"))

@@ -6,7 +6,7 @@ only difference between methods is the context KV:
 - ``kl``: KL(full || method) of the first generated token's distribution (nats);
 - ``agree``: teacher-forced top-1 agreement over full prefill's greedy
   continuation (both are fed the same tokens; argmax compared at each step);
-- ``nll``: mean per-token NLL of the gold answer (" " + answer) after the question;
+- ``nll``: mean per-token NLL of the gold answer right after the question (the assistant turn);
 - ``correct``: the method's own greedy answer contains a gold answer.
 """
 
@@ -47,7 +47,7 @@ def greedy(model, cache, suffix: list[int], n: int) -> list[int]:
 
 @torch.inference_mode()
 def score(model, tokenizer, cache, suffix: list[int], continuation: list[int], answers, ref_first=None,
-          answer_tokens: int = 12) -> dict:
+          answer_tokens: int = 20) -> dict:
     """Measures of one method's context ``cache`` (cropped back after each use).
 
     suffix: the question ids. continuation: full prefill's greedy tokens after it.
@@ -61,7 +61,7 @@ def score(model, tokenizer, cache, suffix: list[int], continuation: list[int], a
     agree = (tf.argmax(-1).cpu() == torch.tensor(continuation)).float().mean().item()
     kl = 0.0 if ref_first is None else float(F.kl_div(first_logp, ref_first, log_target=True, reduction="sum"))
     _crop(cache, ctx)
-    ans = tokenizer(" " + answers[0], add_special_tokens=False)["input_ids"]
+    ans = tokenizer(answers[0], add_special_tokens=False)["input_ids"]
     logits = _forward(model, cache, list(suffix) + ans[:-1], ctx)[len(suffix) - 1:]
     nll = F.cross_entropy(logits, torch.tensor(ans, device=logits.device)).item()
     _crop(cache, ctx)

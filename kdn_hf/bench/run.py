@@ -74,23 +74,28 @@ def _drop_prefix_entries(kdn, chunks) -> None:
         ctx += list(ids)
 
 
-def time_method(kdn, m: Method, cases: list[RagCase], reps: int) -> dict:
-    """Median TTFT (s) over cases x reps, with the per-request stats of the last one."""
-    ttfts, last = [], None
+def time_methods(kdn, methods: list[Method], cases: list[RagCase], reps: int) -> dict[str, dict]:
+    """Per method label: median TTFT (s) over cases x reps, with the stats of its last request.
+
+    Methods take turns within each repetition, so a change in machine load hits all of them.
+    """
+    ttfts: dict[str, list[float]] = {m.label: [] for m in methods}
+    last = {}
     for case in cases:
         chunks = _chunk_lists(case)
         kdn.ingest(chunks[:-1], progress=False)  # warm store
-        if m.mode == "prefix":  # system prompt cached, documents in a new order
-            kdn.generate(chunks[:1] + ["x"], max_new_tokens=1, mode="prefix")
+        kdn.generate(chunks[:1] + ["x"], max_new_tokens=1, mode="prefix")  # prefix cache: system prompt
         for _ in range(reps):
-            if m.mode == "prefix":
-                _drop_prefix_entries(kdn, chunks[:-1])
-            res = kdn.generate(chunks, max_new_tokens=1, mode=m.mode, recompute_ratio=m.ratio,
-                               selection=m.selection)
-            ttfts.append(res.stats.ttft_s)
-            last = res.stats
-    return {"ttft_s": statistics.median(ttfts), "tokens_recomputed": last.tokens_recomputed,
-            "bytes_loaded": last.bytes_loaded, "tokens_total": last.tokens_total}
+            for m in methods:
+                if m.mode == "prefix":  # documents in an order the prefix cache has not seen
+                    _drop_prefix_entries(kdn, chunks[:-1])
+                res = kdn.generate(chunks, max_new_tokens=1, mode=m.mode, recompute_ratio=m.ratio,
+                                   selection=m.selection)
+                ttfts[m.label].append(res.stats.ttft_s)
+                last[m.label] = res.stats
+    return {label: {"ttft_s": statistics.median(ts), "tokens_recomputed": last[label].tokens_recomputed,
+                    "bytes_loaded": last[label].bytes_loaded, "tokens_total": last[label].tokens_total}
+            for label, ts in ttfts.items()}
 
 
 def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, log=print) -> dict[str, dict]:
@@ -138,9 +143,8 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
         log(f"[rag k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
         # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
         kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
-        times = {}
+        times = time_methods(kdn, methods, timed, reps)
         for m in methods:
-            times[m.label] = time_method(kdn, m, timed, reps)
             log(f"  {m.label:24s} TTFT {times[m.label]['ttft_s'] * 1000:8.1f} ms")
         qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions) if questions else []
         qual = quality(kdn, methods, qcases, tf_tokens, log=log) if qcases else {}

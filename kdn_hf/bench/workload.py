@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-SYSTEM = ("You are a helpful assistant. Answer the question with a few words, using only the "
-          "documents below.\n\n")
+# SmolLM2-Instruct's chat format: the documents sit in the user turn, the question closes it.
+SYSTEM = ("<|im_start|>system\nYou are a helpful assistant. Answer the question with a few words, using only "
+          "the documents.<|im_end|>\n<|im_start|>user\n")
+QUESTION = "Question: {question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @lru_cache(maxsize=1)
@@ -66,7 +68,7 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
     data = dev_qa()
     docs = data["documents"]
     by_id = {d["id"]: i for i, d in enumerate(docs)}
-    enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
     sep = enc("\n\n")
     cut = {}
     for d in docs:
@@ -86,7 +88,7 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
         picked = [others[(n * 5 + j * step) % len(others)] for j in range(k - 1)]
         at = n % k
         layout = picked[:at] + [q["doc"]] + picked[at:]
-        question = enc(f"Question: {q['question']}\nAnswer:")
+        question = enc(QUESTION.format(question=q["question"]))
         chunks = (system, *(cut[i][0] for i in layout), question)
         cases.append(RagCase(q["id"], chunks, tuple(q["answers"]), q["kind"], at))
     if limit is not None:

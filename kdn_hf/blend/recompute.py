@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kdn_hf.blend.selection import Selection, SelectionInput
-from kdn_hf.compat import _cache_kwarg_for
+from kdn_hf.compat import cache_kwarg
 from kdn_hf.errors import ConfigError
 
 
@@ -53,6 +53,7 @@ class _ScatterCache:
         self.kv = kv
         self.rows: torch.Tensor | None = None  # [n] slots of the rows being run
         self.probe = False
+        self.measure = True  # compute dev_k/dev_v on update
         self.dev_k: torch.Tensor | None = None  # [n] float32, set by each update
         self.dev_v: torch.Tensor | None = None
 
@@ -60,9 +61,10 @@ class _ScatterCache:
         # key_states/value_states: [1, kv_heads, n, head_dim] for self.rows
         k_all, v_all = self.kv[layer_idx, 0], self.kv[layer_idx, 1]  # [kv_heads, tokens, head_dim]
         k_new, v_new = key_states[0].to(k_all.dtype), value_states[0].to(v_all.dtype)
-        old_k, old_v = k_all[:, self.rows].float(), v_all[:, self.rows].float()
-        self.dev_k = (k_new.float() - old_k).pow(2).sum(dim=(0, 2))
-        self.dev_v = (v_new.float() - old_v).pow(2).sum(dim=(0, 2))
+        if self.measure:
+            old_k, old_v = k_all[:, self.rows].float(), v_all[:, self.rows].float()
+            self.dev_k = (k_new.float() - old_k).pow(2).sum(dim=(0, 2))
+            self.dev_v = (v_new.float() - old_v).pow(2).sum(dim=(0, 2))
         k_all.index_copy_(1, self.rows, k_new)
         v_all.index_copy_(1, self.rows, v_new)
         if self.probe:
@@ -103,14 +105,29 @@ def _decoder(model):
     return base
 
 
-def _run_layer(layer, hidden, rows, cache, pos_emb, kv_name, dtype):
-    cache.rows = rows
-    cos, sin = pos_emb
+class _Rows:
+    """A set of query rows with what every layer needs for them, built once.
+
+    mask is None when the rows are every slot 0..T-1 and the attention is SDPA: its own
+    causal path (``is_causal``, top-left aligned, exact for that case) is faster. Eager
+    attention applies no causality without a mask, so it always gets one.
+    """
+
+    def __init__(self, rows: torch.Tensor, num_keys: int, pos_emb, dtype, own_causal: bool) -> None:
+        self.rows = rows
+        every = rows.numel() == num_keys
+        self.mask = None if every and own_causal else causal_mask(rows, num_keys, dtype, rows.device)
+        cos, sin = pos_emb
+        self.pos_emb = pos_emb if every else (cos[:, rows], sin[:, rows])
+
+
+def _run_layer(layer, hidden, rs: _Rows, cache, kv_name):
+    cache.rows = rs.rows
     out = layer(
         hidden,
-        attention_mask=causal_mask(rows, cache.kv.shape[3], dtype, hidden.device),
-        position_ids=rows[None],
-        position_embeddings=(cos[:, rows], sin[:, rows]),
+        attention_mask=rs.mask,
+        position_ids=rs.rows[None],
+        position_embeddings=rs.pos_emb,
         use_cache=True,
         **{kv_name: cache},
     )
@@ -141,22 +158,25 @@ def recompute(
     check = selection.check_layer
     if not 1 <= check < len(layers):
         raise ConfigError(f"check_layer must lie in [1, {len(layers)}), got {check}")
-    kv_name = _cache_kwarg_for(type(layers[0]))
+    kv_name = cache_kwarg(layers[0])  # `cache` on transformers >= 5.24
     dtype = kv.dtype
-    budget = min(T, max(1, int(round(ratio * T))))
+    own_causal = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    budget = min(T, max(1, round(ratio * T)))
 
     ids = token_ids.to(device)
     all_rows = torch.arange(T, device=device)
     hidden = base.embed_tokens(ids[None])  # [1, T, hidden]
     pos_emb = base.rotary_emb(hidden, position_ids=all_rows[None])  # cos/sin [1, T, head_dim]
     cache = _ScatterCache(kv)
+    every = _Rows(all_rows, T, pos_emb, dtype, own_causal)
 
+    cache.measure = False
     for i in range(check):  # every token, fresh: exact
-        hidden = _run_layer(layers[i], hidden, all_rows, cache, pos_emb, kv_name, dtype)
+        hidden = _run_layer(layers[i], hidden, every, cache, kv_name)
 
-    cache.probe = True
+    cache.probe = cache.measure = True
     try:
-        _run_layer(layers[check], hidden, all_rows, cache, pos_emb, kv_name, dtype)
+        _run_layer(layers[check], hidden, every, cache, kv_name)
     except _Probed:
         pass
     finally:
@@ -165,12 +185,13 @@ def recompute(
     sel = selection.select(SelectionInput(dev_k, dev_v, tuple(tuple(s) for s in spans), budget))
     if sel.numel() == 0:
         return RecomputeResult(sel, dev_k, dev_v)
-    rows = sel.to(device)
-    hidden = hidden[:, rows]
+    rs = _Rows(sel.to(device), T, pos_emb, dtype, own_causal)
+    hidden = hidden[:, rs.rows]
     for i in range(check, len(layers)):
-        hidden = _run_layer(layers[i], hidden, rows, cache, pos_emb, kv_name, dtype)
-        keep = selection.narrow(i, rows.cpu(), cache.dev_k.cpu() + cache.dev_v.cpu())
-        if keep is not None:
-            keep = keep.to(device)
-            rows, hidden = rows[keep], hidden[:, keep]
+        cache.measure = i in selection.narrow_at
+        hidden = _run_layer(layers[i], hidden, rs, cache, kv_name)
+        if cache.measure:
+            keep = selection.narrow(i, rs.rows.cpu(), cache.dev_k.cpu() + cache.dev_v.cpu()).to(device)
+            rs = _Rows(rs.rows[keep], T, pos_emb, dtype, own_causal)
+            hidden = hidden[:, keep]
     return RecomputeResult(sel, dev_k, dev_v)

@@ -63,15 +63,16 @@ class Selection(ABC):
 
     name: str = ""
     check_layer: int = 1
+    narrow_at: tuple[int, ...] = ()  # layers after which ``narrow`` is asked
 
     @abstractmethod
     def select(self, inp: SelectionInput) -> torch.Tensor:
         """[budget] int64 sorted slot indices of the tokens to recompute."""
 
-    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor | None:
-        """After ``layer`` ran for ``rows`` ([n] slots) with per-row deviation ``dev`` [n]:
-        the positions *into rows* to keep for the next layers, or None to keep all."""
-        return None
+    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
+        """After ``layer`` (one of ``narrow_at``) ran for ``rows`` ([n] slots) with per-row
+        K+V deviation ``dev`` [n]: sorted positions *into rows* to keep for the next layers."""
+        return torch.arange(rows.numel())
 
 
 class CacheBlendSelection(Selection):
@@ -112,10 +113,8 @@ class KDNSelection(Selection):
         score[forced] = float("inf")
         return _top(score, inp.budget)
 
-    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor | None:
-        if layer not in self.narrow_at:
-            return None
-        keep = max(1, int(round(rows.numel() * self.narrow_keep)))
+    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
+        keep = max(1, round(rows.numel() * self.narrow_keep))
         return _top(dev, keep)
 
 
@@ -125,7 +124,7 @@ SELECTIONS: dict[str, type[Selection]] = {
 }
 
 
-def get_selection(selection: "str | Selection") -> Selection:
+def get_selection(selection: str | Selection) -> Selection:
     """A Selection from its name (see ``SELECTIONS``) or an instance."""
     if isinstance(selection, Selection):
         return selection

@@ -133,8 +133,9 @@ def int_codec(name: str, bits: int, group: int | None) -> Codec:
     def encode(kv: torch.Tensor) -> dict[str, torch.Tensor]:
         k, v, groups = kv_groups(kv, group)
         out = {"kv.group": torch.tensor(groups, dtype=torch.int64)}
-        for part, x in (("k", k), ("v", v)):
+        for part, x, n in (("k", k, kv.shape[3]), ("v", v, kv.shape[4])):
             codes, step, mn = quantize_groups(x, bits)
+            codes = _from_groups(codes, n)  # the padding of a last partial group is not stored
             out[f"kv.{part}.q"] = pack4(codes) if bits == 4 else codes.reshape(-1)
             out[f"kv.{part}.step"], out[f"kv.{part}.min"] = step, mn
         return out
@@ -142,16 +143,15 @@ def int_codec(name: str, bits: int, group: int | None) -> Codec:
     def decode(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         _need(tensors, _NAMES, name)
         shapes = _grouped_shapes(shape, _groups_of(tensors))
+        L, _, H, T, D = shape
         parts = []
-        for part, gshape in zip(("k", "v"), shapes):
+        for part, gshape, real in zip(("k", "v"), shapes, ((L, H, D, T), (L, H, T, D))):
             q, step, mn = (tensors[f"kv.{part}.{n}"] for n in ("q", "step", "min"))
-            n = 1
-            for s in gshape:
-                n *= s
+            n = L * H * T * D
             expect = (n + 1) // 2 if bits == 4 else n
             if q.dtype != torch.uint8 or q.numel() != expect or tuple(step.shape) != gshape[:-1] != tuple(mn.shape):
                 raise CorruptEntryError(f"codec {name!r}: stored {part.upper()} tensors disagree with shape {shape}")
-            codes = (unpack4(q, n) if bits == 4 else q).reshape(gshape)
+            codes = _to_groups((unpack4(q, n) if bits == 4 else q).reshape(real), gshape[-1])
             parts.append(dequantize_groups(codes, step, mn))
         return kv_from_groups(parts[0], parts[1], shape, dtype)
 

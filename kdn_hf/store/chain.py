@@ -123,6 +123,16 @@ class KVStore:
             for tier in self.tiers[1:]:
                 tier.put(key, data)
 
+    def note_corrupt(self, key: str) -> None:
+        """A verified entry turned out unusable for its caller (wrong ids or geometry for the
+        model): count it as corrupt in every tier holding it, and remove it everywhere."""
+        if self._back is not None:
+            with self._back.lock:
+                self._back.drop(key)
+        for tier in self.tiers:
+            if tier.contains(key):
+                tier.note_corrupt(key)
+
     def flush(self) -> None:
         """Wait until every write-back put has reached every tier (no-op for write-through)."""
         if self._back is not None:

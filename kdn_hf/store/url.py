@@ -6,7 +6,9 @@ Accepted specs, one or a list of them (a tier chain, fastest first)::
     "memory://"                   a MemoryTier      (memory://?budget=512MiB)
     "/abs/dir", "rel/dir", "~/x"  a DiskTier        (Path objects too)
     "file:///abs/dir"             a DiskTier        (file:///abs/dir?budget=20GiB)
-    "redis://host:port/db"        a remote tier, from REMOTE_TIERS (lazy import)
+    "redis://host:port/db"        a RedisTier (pip install kdn-hf[redis]); also rediss:// (TLS) and
+                                  ?prefix=kdn:&ttl=S&timeout=S&breaker=S&budget=SIZE&cluster=1
+                                  (see kdn_hf.store.redis), from REMOTE_TIERS (lazy import)
     a KVStore                     returned as is
 
 Sizes are ints (bytes) or strings such as "512MiB", "2GiB", "1.5GB", "4096".

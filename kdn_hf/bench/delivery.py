@@ -1,0 +1,185 @@
+"""``kdn bench-store``: what storage and codecs cost and save, on the rag workload.
+
+For each codec (``--codec``) and store (``--store``; default memory and a temp
+disk tier) one row (a plain dict) with:
+
+- ``bytes_per_token``: encoded entry bytes per context token; ``vs_fp16``: the
+  fp16 entry's size over this one's (compression ratio);
+- ``decode_tok_s``: entry decode throughput (checksum + codec), tokens/s;
+- ``kl_vs_none``: mean first-token KL(reuse with uncompressed entries ||
+  reuse with this codec), and ``kl_full_increase``: mean KL(full || codec) -
+  KL(full || uncompressed), both in nats, over ``--questions`` dev questions;
+- ``ttft_ms``: median TTFT of ``reuse`` with every chunk stored (warm store:
+  a memory tier holds it, a disk tier has it in the page cache, Redis holds
+  it), and ``vs_memory``: its ratio to the memory store's TTFT;
+- ``ingest_tok_s`` / ``prefill_tok_s``: tokens/s stored by ``KDN.ingest`` on
+  this store vs raw prefill of the same documents (no store), measured
+  alternately in the same run; ``ingest_vs_prefill`` their ratio (the
+  paper's "time to inject new knowledge").
+
+Quality reuses one set of computed chunk KV for every codec: each entry is
+transcoded from the uncompressed one, so only the codec differs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kdn_hf.bench.quality import _crop, _forward
+from kdn_hf.bench.workload import rag_cases
+from kdn_hf.compute import compute_chunk_kv
+from kdn_hf.store.entry import decode_entry, encode_entry
+
+CODECS = ("none", "fp16", "int8", "int4", "entropy")
+
+
+def _units(kdn, context) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(ids, computed-after context) of every stored unit of a context, as _prepare_reuse makes them."""
+    lead = tuple(kdn.lead_in)
+    return ([(lead, ())] if lead else []) + [(tuple(c), lead) for c in context]
+
+
+def _transcode(src, dst, context) -> None:
+    """Store src's uncompressed entries of ``context`` into dst with dst's codec (no recompute)."""
+    for ids, ctx in _units(src, context):
+        chunk = src.store.get(src.chunk_key(ids, context=ctx), src.fingerprint.digest).chunk
+        if chunk is None:
+            raise RuntimeError("transcode source entry missing; ingest it first")
+        dst.store.put(dst.chunk_key(ids, context=ctx), chunk, dst.fingerprint.digest, codec=dst.codec)
+
+
+@torch.inference_mode()
+def _first_logp(kdn, context, suffix, mode: str) -> torch.Tensor:
+    cache = kdn.prepare([list(c) for c in context], mode=mode, recompute_ratio=0.0)
+    n = cache.get_seq_length()
+    logp = F.log_softmax(_forward(kdn.model, cache, list(suffix), n)[-1], dim=-1)
+    _crop(cache, n)
+    return logp
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    return max(float(F.kl_div(q, p, log_target=True, reduction="sum")), 0.0)
+
+
+def _median_time(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int = 4, doc_tokens: int = 512,
+                       reps: int = 5, questions: int = 10, ingest_rounds: int = 2, log=print) -> list[dict]:
+    """Rows, one per (codec, store). ``stores``: URLs/paths (None: memory and a temp disk tier)."""
+    from kdn_hf import KDN
+
+    tmp = tempfile.TemporaryDirectory(prefix="kdn-bench-store-")
+    stores = list(stores) if stores else ["memory://?budget=8GiB", str(Path(tmp.name) / "disk")]
+    case = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens)[0]
+    qcases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=questions) if questions else []
+    base = KDN(model, tokenizer, store="memory://?budget=16GiB")
+    for c in [case, *qcases]:
+        base.ingest([list(x) for x in c.context], progress=False)
+    per_codec: dict[str, dict] = {}
+    for codec in codecs:
+        kc = KDN(model, tokenizer, store="memory://?budget=16GiB", codec=codec)
+        size = toks = 0
+        decode_s = []
+        for ids, ctx in _units(base, case.context):
+            chunk = base.store.get(base.chunk_key(ids, context=ctx), base.fingerprint.digest).chunk
+            key = kc.chunk_key(ids, context=ctx)
+            data = encode_entry(key, chunk, kc.fingerprint.digest, codec)
+            size, toks = size + len(data), toks + len(ids)
+            decode_s.append((len(ids), _median_time(lambda: decode_entry(data, key=key, fingerprint=kc.fingerprint.digest), reps)))
+        kl_none, kl_inc = [], []
+        for c in qcases:
+            _transcode(base, kc, c.context)
+            full = _first_logp(base, c.context, c.suffix, "full")
+            ref = _first_logp(base, c.context, c.suffix, "reuse")
+            got = _first_logp(kc, c.context, c.suffix, "reuse")
+            kl_none.append(_kl(ref, got))
+            kl_inc.append(_kl(full, got) - _kl(full, ref))
+        per_codec[codec] = {
+            "bytes_per_token": size / toks,
+            "decode_tok_s": sum(n for n, _ in decode_s) / sum(t for _, t in decode_s),
+            "kl_vs_none": statistics.fmean(kl_none) if kl_none else None,
+            "kl_full_increase": statistics.fmean(kl_inc) if kl_inc else None,
+        }
+        log(f"  codec {codec:8s} {per_codec[codec]['bytes_per_token']:9.0f} B/token  "
+            f"KL vs none {per_codec[codec]['kl_vs_none'] if kl_none else float('nan'):.5f}")
+    fp16 = per_codec.get("fp16", {}).get("bytes_per_token")
+
+    rows = []
+    chunks = [list(x) for x in case.chunks]
+    docs = [list(x) for x in case.context]
+    for spec in stores:
+        ttft_memory = None
+        for codec in codecs:
+            kdn = KDN(model, tokenizer, store=spec, codec=codec)
+            store_name = "+".join(t.name for t in kdn.store.tiers)
+            # ingest vs raw prefill, alternating so machine noise hits both alike
+            ingest_t, prefill_t = [], []
+            for _ in range(ingest_rounds):
+                for ids, ctx in _units(kdn, case.context):
+                    kdn.store.delete(kdn.chunk_key(ids, context=ctx))
+                t0 = time.perf_counter()
+                kdn.ingest(docs, progress=False)
+                ingest_t.append(time.perf_counter() - t0)
+                lead = torch.tensor(kdn.lead_in, dtype=torch.long) if kdn.lead_in else None
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    for d in docs:
+                        compute_chunk_kv(model, torch.tensor(d, dtype=torch.long), lead_in=lead)
+                prefill_t.append(time.perf_counter() - t0)
+            n_tok = sum(len(d) for d in docs)
+            kdn.generate(chunks, max_new_tokens=1, mode="reuse")  # every unit stored (the lead-in too), warm
+            ttfts = []
+            for _ in range(reps):
+                res = kdn.generate(chunks, max_new_tokens=1, mode="reuse")
+                ttfts.append(res.stats.ttft_s)
+            hits = dict(res.stats.hits)
+            ttft = statistics.median(ttfts)
+            if store_name == "memory" and codec == codecs[0]:
+                ttft_memory = ttft
+            pc = per_codec[codec]
+            row = {"suite": "delivery", "k": k, "doc_tokens": doc_tokens, "context_tokens": res.stats.tokens_total,
+                   "store": store_name, "codec": codec, "hits": hits,
+                   "bytes_per_token": pc["bytes_per_token"],
+                   "vs_fp16": (fp16 / pc["bytes_per_token"]) if fp16 else None,
+                   "decode_tok_s": pc["decode_tok_s"], "kl_vs_none": pc["kl_vs_none"],
+                   "kl_full_increase": pc["kl_full_increase"], "ttft_ms": ttft * 1000,
+                   "ingest_tok_s": n_tok / statistics.median(ingest_t),
+                   "prefill_tok_s": n_tok / statistics.median(prefill_t)}
+            row["ingest_vs_prefill"] = row["ingest_tok_s"] / row["prefill_tok_s"]
+            rows.append(row)
+            log(f"  {store_name:8s} {codec:8s} TTFT {ttft * 1000:7.1f} ms  ingest {row['ingest_vs_prefill']:.0%} of prefill")
+            kdn.store.close()
+        mem = {r["codec"]: r["ttft_ms"] for r in rows if r["store"] == "memory"}
+        for r in rows:
+            r["vs_memory"] = (r["ttft_ms"] / mem[r["codec"]]) if r["codec"] in mem else None
+    tmp.cleanup()
+    return rows
+
+
+COLUMNS = [("store", "{}", 8), ("codec", "{}", 8), ("bytes_per_token", "{:.0f}", 9), ("vs_fp16", "{:.2f}x", 7),
+           ("decode_tok_s", "{:.0f}", 9), ("kl_vs_none", "{:.5f}", 8), ("kl_full_increase", "{:+.5f}", 9),
+           ("ttft_ms", "{:.0f}", 7), ("vs_memory", "{:.2f}x", 7), ("ingest_tok_s", "{:.0f}", 8),
+           ("prefill_tok_s", "{:.0f}", 8), ("ingest_vs_prefill", "{:.0%}", 7)]
+HEADERS = {"bytes_per_token": "B/token", "decode_tok_s": "dec_tok/s", "kl_vs_none": "KL_none",
+           "kl_full_increase": "dKL_full", "ttft_ms": "TTFT_ms", "vs_memory": "vs_mem", "ingest_tok_s": "ingest/s",
+           "prefill_tok_s": "prefil/s", "ingest_vs_prefill": "ing/pf"}
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["  ".join(f"{HEADERS.get(c, c):>{w}}" for c, _, w in COLUMNS)]
+    for r in rows:
+        lines.append("  ".join(f"{('-' if r.get(c) is None else fmt.format(r[c])):>{w}}" for c, fmt, w in COLUMNS))
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Selection strategies and the recompute mask, without a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdn_hf.blend import (
+    SELECTIONS,
+    KDNSelection,
+    SelectionInput,
+    causal_mask,
+    get_selection,
+)
+from kdn_hf.errors import ConfigError
+
+
+def _input(seed: int = 0, tokens: int = 200, budget: int = 30) -> SelectionInput:
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.randint(0, 5, (tokens,), generator=g).float()  # many ties on purpose
+    return SelectionInput(dev, dev.flip(0), ((0, 50), (50, 120), (120, 200)), budget)
+
+
+@pytest.mark.parametrize("name", sorted(SELECTIONS))
+def test_every_strategy_is_deterministic_and_respects_the_budget(name):
+    inp = _input()
+    a = get_selection(name).select(inp)
+    b = get_selection(name).select(_input())
+    assert torch.equal(a, b)
+    assert a.numel() == inp.budget and a.dtype == torch.long
+    assert torch.equal(a, torch.sort(a).values) and a.unique().numel() == a.numel()
+    assert int(a.min()) >= 0 and int(a.max()) < inp.num_tokens
+
+
+def test_kdn_selection_takes_each_later_chunks_first_tokens():
+    sel = KDNSelection(sink_tokens=3).select(_input())
+    chosen = set(sel.tolist())
+    assert {50, 51, 52, 120, 121, 122} <= chosen
+    # the first chunk is exact (nothing before it): it gets no forced sinks
+    small = KDNSelection(sink_tokens=3).select(_input(budget=4))
+    assert small.tolist() == [50, 51, 52, 120]
+
+
+def test_cacheblend_selection_is_top_k_by_k_deviation():
+    dev = torch.tensor([0.0, 5.0, 1.0, 9.0, 5.0])
+    sel = get_selection("cacheblend").select(SelectionInput(dev, torch.zeros(5), ((0, 5),), 2))
+    assert sel.tolist() == [1, 3]  # tie 1 vs 4 goes to the earlier position
+
+
+def test_unknown_selection_lists_the_allowed_names():
+    with pytest.raises(ConfigError, match="cacheblend"):
+        get_selection("nope")
+
+
+def test_causal_mask_lets_a_row_see_only_keys_at_or_before_its_position():
+    rows = torch.tensor([0, 3, 7])
+    mask = causal_mask(rows, 9, torch.float32, "cpu")
+    assert mask.shape == (1, 1, 3, 9) and mask.dtype == torch.float32
+    allowed = mask[0, 0] == 0
+    for r, pos in enumerate(rows.tolist()):
+        assert allowed[r].tolist() == [k <= pos for k in range(9)]
+    assert (mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
