@@ -103,6 +103,7 @@ class KDN:
         self.max_positions: int | None = getattr(text_cfg, "max_position_embeddings", None)
         self.lead_in: tuple[int, ...] = lead_in_ids(tokenizer)
         self._rope: RopeSpec | None = None
+        self._deferred: list[tuple[str, ChunkKV]] | None = None  # store writes held back during generate
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2-135m", store=None, **kwargs) -> "KDN":
@@ -164,8 +165,20 @@ class KDN:
         """Compute a chunk on its own after ``context`` (the lead-in, or nothing) and store it."""
         lead = torch.tensor(context, dtype=torch.long) if context else None
         chunk = compute_chunk_kv(self.model, torch.tensor(ids, dtype=torch.long), lead_in=lead)
-        self.store.put(key, chunk, self.fingerprint.digest, codec=self.codec)
+        self._put(key, chunk)
         return chunk
+
+    def _put(self, key: str, chunk: ChunkKV) -> None:
+        """Store ``chunk``; inside ``generate`` the write waits until the answer is out (off the TTFT path)."""
+        if self._deferred is not None:
+            self._deferred.append((key, chunk))
+        else:
+            self.store.put(key, chunk, self.fingerprint.digest, codec=self.codec)
+
+    def _flush_deferred(self) -> None:
+        pending, self._deferred = self._deferred or [], None
+        for key, chunk in pending:
+            self.store.put(key, chunk, self.fingerprint.digest, codec=self.codec)
 
     # --------------------------------------------------------------- prepare
     def prepare(self, chunks: Sequence, *, mode: str = "blend", recompute_ratio: float = 0.15,
@@ -309,7 +322,7 @@ class KDN:
                     positions=torch.arange(start, start + len(ids)),
                     token_ids=torch.tensor(ids, dtype=torch.long),
                 )
-                self.store.put(key, chunk, self.fingerprint.digest, codec=self.codec)
+                self._put(key, chunk)
                 stats.misses += 1
             stats.tokens_computed += len(rest)
         return cache
@@ -339,7 +352,12 @@ class KDN:
             cache = None
             stats = GenerateStats(mode=mode, chunks=len(prompt.chunk_ids), tokens_total=len(ids))
         else:
-            cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, ratio, selection)
+            self._deferred = []
+            try:
+                cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, ratio, selection)
+            except BaseException:
+                self._flush_deferred()
+                raise
             stats = GenerateStats(**vars(cache.stats))
             stats.chunks = len(prompt.chunk_ids)
             stats.tokens_total = len(ids)
@@ -355,9 +373,12 @@ class KDN:
         if cache is not None:
             kwargs[cache_kwarg(self.model)] = cache
         input_ids = torch.tensor([ids], device=self.model.device)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        end = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            end = time.perf_counter()
+        finally:
+            self._flush_deferred()  # chunks computed for this request are stored after it answered
         new = out[0, len(ids):].tolist()
         stats.tokens_generated = len(new)
         stats.total_s = end - t0

@@ -12,5 +12,5 @@ if ! command -v redis-server >/dev/null 2>&1; then
     echo "warning: redis-server is not installed; the Redis tier tests will be skipped" >&2
   fi
 fi
-scripts/setup.sh dev redis
+scripts/setup.sh dev redis codecs
 exec .venv/bin/python -m pytest "$@"
