@@ -49,3 +49,16 @@ def test_cli_errors_are_one_line_messages(tmp_path, capsys):
     assert "neither a file nor a folder" in capsys.readouterr().err
     assert main(["store", "stats", "--store", "gopher://x"]) == 2
     assert "unknown store scheme" in capsys.readouterr().err
+
+
+def test_demo_runs_cold_then_warm(tmp_path, capsys):
+    from kdn_hf.demo import run_demo
+
+    rows = {r["run"]: r for r in run_demo(store=str(tmp_path / "store"), reps=1)}
+    assert list(rows) == ["full prefill", "reuse, cold store", "reuse, warm store", "blend, warm store"]
+    assert rows["reuse, cold store"]["hits"] == 0 and rows["reuse, cold store"]["misses"] == 5
+    warm = rows["reuse, warm store"]
+    assert warm["hits"] == 5 and warm["misses"] == 0 and warm["computed"] < warm["tokens"] // 10
+    assert rows["blend, warm store"]["hits"] == 5
+    assert rows["full prefill"]["computed"] == rows["full prefill"]["tokens"]
+    assert "speedup" in capsys.readouterr().out
