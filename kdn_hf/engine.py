@@ -253,22 +253,25 @@ class KDN:
         keys = [self.chunk_key(ids, context=context) for ids, context in units]
         # fetch + decode of the next chunks runs in the background while this loop re-rotates (kdn_hf.delivery)
         with start_loading(self.store, keys, self.fingerprint.digest) as loader:
-            parts, at = self._compose(units, keys, loader, stats, device)
-        kv = torch.cat(parts, dim=3) if parts else None
+            kv = self._compose(units, keys, loader, stats, device)
         if kv is None:
             return KDNCache()
+        at = kv.shape[3]
         ids = torch.tensor(prompt.prompt_ids, dtype=torch.long)
-        if ratio > 0:  # kv is ours (torch.cat): blend it in place
+        if ratio > 0:  # kv is a fresh buffer (never a stored entry): blend it in place
             from kdn_hf.blend import get_selection, recompute
 
             res = recompute(self.model, kv, ids, prompt.spans, ratio, get_selection(selection))
             stats.tokens_recomputed = int(res.selected.numel())
         return KDNCache(kv, torch.arange(at), ids)
 
-    def _compose(self, units, keys, loader: ChunkLoader, stats: PrepareStats, device) -> tuple[list, int]:
-        """Each unit's KV (stored, or computed and stored) re-rotated to its prompt position; (parts, length)."""
+    def _compose(self, units, keys, loader: ChunkLoader, stats: PrepareStats, device) -> torch.Tensor | None:
+        """The prompt's KV [layers, 2, kv_heads, tokens, head_dim]: each unit's KV (stored, or computed and
+        stored) re-rotated to its prompt position and written once into one buffer; None for no units."""
         fetched: dict[str, ChunkKV] = {}
-        parts, at = [], 0
+        total = sum(len(ids) for ids, _ in units)
+        out: torch.Tensor | None = None
+        at = 0
         for (ids, context), key in zip(units, keys):
             chunk = fetched.get(key)
             if chunk is not None:  # the same chunk again in this prompt
@@ -282,12 +285,16 @@ class KDN:
                 fetched[key] = chunk
             target = torch.arange(at, at + len(ids))
             kv = chunk.kv.to(device)
-            if not torch.equal(chunk.positions, target):
-                k = rerotate(kv[:, 0], chunk.positions, target, self.rope_spec)
-                kv = torch.stack([k, kv[:, 1]], dim=1)
-            parts.append(kv)
+            if out is None:
+                out = kv.new_empty(*kv.shape[:3], total, kv.shape[4])
+            dst = out[:, :, :, at : at + len(ids)]
+            if torch.equal(chunk.positions, target):
+                dst.copy_(kv)
+            else:
+                dst[:, 0] = rerotate(kv[:, 0], chunk.positions, target, self.rope_spec)
+                dst[:, 1] = kv[:, 1]
             at += len(ids)
-        return parts, at
+        return out
 
     def _prepare_prefix(self, prompt: Prompt, stats: PrepareStats) -> KDNCache:
         units = ([prompt.lead_in] if prompt.lead_in else []) + list(prompt.chunk_ids)

@@ -30,6 +30,7 @@ import json
 import struct
 import safetensors
 import safetensors.torch
+from safetensors.torch import load as load_safetensors
 import torch
 import xxhash
 
@@ -151,7 +152,7 @@ def decode_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch
             f"this kdn_hf reads {FORMAT!r} version {FORMAT_VERSION!r}"
         )
     try:
-        tensors = safetensors.torch.load(data)
+        tensors = load_safetensors(data)  # safetensors: a flat tensor format, no pickle
     except safetensors.SafetensorError as e:
         raise CorruptEntryError(f"entry tensors cannot be read: {e}") from e
     if _checksum(tensors, meta) != meta.get("checksum"):
