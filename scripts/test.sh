@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Set up .venv with the test extras and run the test suite.
-#   - installs Debian's redis-server when missing (root only; the Redis tier tests start their own server)
+#   - installs Debian's redis-server and redis-tools (redis-cli) when missing (root only; the Redis tier
+#     tests start their own server, and their own 3-master Redis Cluster with redis-cli --cluster create)
 #   - extra arguments go to pytest, e.g. scripts/test.sh -m "not slow" -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v redis-server >/dev/null 2>&1; then
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing redis-server (Debian) for the Redis tier tests ..."
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    echo "installing redis-server and redis-tools (Debian) for the Redis tier tests ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
   else
-    echo "warning: redis-server is not installed; the Redis tier tests will be skipped" >&2
+    echo "warning: redis-server / redis-cli are not installed; the Redis tier tests will be skipped" >&2
   fi
 fi
 scripts/setup.sh dev redis codecs

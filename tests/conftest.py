@@ -78,6 +78,139 @@ class RedisServer:
             self.proc.wait(timeout=10)
 
 
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (and their cluster bus ports, port + 10000, free too)."""
+    import socket
+
+    ports: list[int] = []
+    socks = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port + 10000 > 65535 or port in ports:
+                continue
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            ports.append(port)
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+class RedisClusterServers:
+    """A real Redis Cluster of ``masters`` redis-server processes on free loopback ports, no replicas,
+    no persistence, created with ``redis-cli --cluster create``; ``.url(**params)`` names it with
+    ``?cluster=1``. ``kill(i)`` SIGKILLs master ``i``."""
+
+    def __init__(self, tmp_dir, masters: int = 3) -> None:
+        import shutil
+        import subprocess
+
+        exe, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+        if exe is None or cli is None:
+            pytest.skip("redis-server / redis-cli are not installed (apt-get install redis-server); "
+                        "the Redis Cluster tier is untested")
+        self.cli = cli
+        self.dir = tmp_dir
+        self.ports = _free_ports(masters)
+        self.argv = [
+            [exe, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(tmp_dir / f"nodes-{port}.conf"), "--cluster-node-timeout", "2000",
+             "--save", "", "--appendonly", "no", "--dir", str(tmp_dir), "--maxmemory-policy", "allkeys-lru"]
+            for port in self.ports
+        ]  # fmt: skip
+        self.procs = []
+        try:
+            for argv in self.argv:
+                self.procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for port in self.ports:
+                self._wait(lambda p=port: self._cli(p, "ping").strip() == "PONG", f"redis-server on port {port}")
+            create = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0",
+                 "--cluster-yes"], capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            if create.returncode != 0:
+                pytest.fail(f"redis-cli --cluster create failed: {create.stdout[-2000:]} {create.stderr[-2000:]}")
+            for port in self.ports:
+                self._wait(lambda p=port: "cluster_state:ok" in self._cli(p, "cluster", "info"),
+                           f"cluster_state:ok on port {port}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _cli(self, port: int, *args: str) -> str:
+        import subprocess
+
+        try:
+            return subprocess.run([self.cli, "-p", str(port), *args], capture_output=True, text=True,
+                                  timeout=5, check=False).stdout
+        except subprocess.TimeoutExpired:
+            return ""
+
+    def _wait(self, ready, what: str, seconds: float = 20) -> None:
+        import time
+
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            time.sleep(0.1)
+        pytest.fail(f"{what}: not ready after {seconds:.0f} s")
+
+    def url(self, node: int = 0, **params) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"cluster": 1, **params}.items())
+        return f"redis://127.0.0.1:{self.ports[node]}/0?{query}"
+
+    def flush(self) -> None:
+        for port in self.ports:
+            self._cli(port, "flushall")
+
+    def kill(self, node: int) -> None:
+        proc = self.procs[node]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+    def restart(self, node: int) -> None:
+        """Start a killed master again on its port with its nodes.conf (it rejoins with its slots, empty)."""
+        import subprocess
+
+        self.kill(node)
+        self.procs[node] = subprocess.Popen(self.argv[node], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def state_ok(self) -> bool:
+        return all("cluster_state:ok" in self._cli(p, "cluster", "info") for p in self.ports)
+
+    def stop(self) -> None:
+        for i in range(len(self.procs)):
+            self.kill(i)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A session-wide 3-master Redis Cluster (skips if redis-server / redis-cli are missing)."""
+    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
+    servers = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+def own_redis_cluster(tmp_path):
+    """A Redis Cluster of this test's own (for tests that kill a master)."""
+    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
+    servers = RedisClusterServers(tmp_path)
+    yield servers
+    servers.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A session-wide redis-server (skips if not installed); ``.url(db, **params)``, ``.flush()``."""

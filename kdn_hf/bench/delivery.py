@@ -1,14 +1,20 @@
-"""``kdn bench-store``: what storage and codecs cost and save, on the rag workload.
+"""``kdn bench --codec ...`` (alias ``kdn bench-store``): what storage and codecs cost and save, on the rag workload.
 
-For each codec (``--codec``) and store (``--store``; default memory and a temp
-disk tier) one row (a plain dict) with:
+For each codec (``--codec``) and store (``--store``, repeatable: one row per
+store, not a chain; default memory and a temp disk tier) one row (a plain
+dict) with:
 
 - ``bytes_per_token``: encoded entry bytes per context token; ``vs_fp16``: the
   fp16 entry's size over this one's (compression ratio);
-- ``decode_tok_s``: entry decode throughput (checksum + codec), tokens/s;
+- ``decode_tok_s`` / ``decode_mb_s``: entry decode throughput (checksum +
+  codec, ``decode_entry`` on the CPU) in context tokens/s and stored MB/s
+  (10^6 bytes of entry read per second): the median of ``decode_reps`` timed
+  passes over every entry of one prompt, after one untimed warm-up pass;
 - ``kl_vs_none``: mean first-token KL(reuse with uncompressed entries ||
   reuse with this codec), and ``kl_full_increase``: mean KL(full || codec) -
-  KL(full || uncompressed), both in nats, over ``--questions`` dev questions;
+  KL(full || uncompressed), both in nats, over ``--questions`` dev questions
+  (``_median`` / ``_max`` keys: their median and maximum; ``kl_questions``:
+  how many);
 - ``ttft_ms``: median TTFT of ``reuse`` with every chunk stored (warm store:
   a memory tier holds it, a disk tier has it in the page cache, Redis holds
   it), and ``vs_memory``: its ratio to the memory store's TTFT;
@@ -18,7 +24,8 @@ disk tier) one row (a plain dict) with:
   paper's "time to inject new knowledge").
 
 Quality reuses one set of computed chunk KV for every codec: each entry is
-transcoded from the uncompressed one, so only the codec differs.
+transcoded from the uncompressed one, so only the codec differs; full prefill
+and uncompressed reuse are computed once per question for all codecs.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def _transcode(src, dst, context) -> None:
         dst.store.put(dst.chunk_key(ids, context=ctx), chunk, dst.fingerprint.digest, codec=dst.codec)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: prepare may compose on another thread, outside this one's mode
 def _first_logp(kdn, context, suffix, mode: str) -> torch.Tensor:
     cache = kdn.prepare([list(c) for c in context], mode=mode, recompute_ratio=0.0)
     n = cache.get_seq_length()
@@ -76,52 +83,101 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
-def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int = 4, doc_tokens: int = 512,
-                       reps: int = 5, questions: int = 10, ingest_rounds: int = 2, log=print) -> list[dict]:
-    """Rows, one per (codec, store). ``stores``: URLs/paths (None: memory and a temp disk tier)."""
-    from kdn_hf import KDN
+def _summary(name: str, xs: list[float]) -> dict:
+    """{name: mean, name_median, name_max} of ``xs`` (None when there are none)."""
+    if not xs:
+        return {name: None, f"{name}_median": None, f"{name}_max": None}
+    return {name: statistics.fmean(xs), f"{name}_median": statistics.median(xs), f"{name}_max": max(xs)}
 
+
+def codec_sizes_and_decode(base, kdns: dict, context, reps: int) -> dict[str, dict]:
+    """Per codec: entry bytes/token of one prompt's units, and decode throughput of those entries
+    (median of ``reps`` passes over all of them, after one untimed warm-up pass)."""
+    chunks = [(ids, ctx, base.store.get(base.chunk_key(ids, context=ctx), base.fingerprint.digest).chunk)
+              for ids, ctx in _units(base, context)]
+    out = {}
+    for codec, kc in kdns.items():
+        entries = []
+        for ids, ctx, chunk in chunks:
+            key = kc.chunk_key(ids, context=ctx)
+            entries.append((key, encode_entry(key, chunk, kc.fingerprint.digest, codec)))
+        size = sum(len(d) for _, d in entries)
+        toks = sum(len(ids) for ids, _, _ in chunks)
+
+        def decode_all(entries=entries, fingerprint=kc.fingerprint.digest):
+            for key, data in entries:
+                decode_entry(data, key=key, fingerprint=fingerprint)
+
+        decode_all()  # warm-up: allocator, zstd contexts, first-call overheads
+        t = _median_time(decode_all, reps)
+        out[codec] = {"bytes_per_token": size / toks, "decode_tok_s": toks / t, "decode_mb_s": size / t / 1e6}
+    return out
+
+
+def codec_quality(base, kdns: dict, qcases, log=print) -> dict[str, dict]:
+    """Per codec: first-token KL vs uncompressed reuse and the KL increase vs full prefill, over ``qcases``
+    (full prefill and uncompressed reuse computed once per question)."""
+    kl_none = {c: [] for c in kdns}
+    kl_inc = {c: [] for c in kdns}
+    for n, c in enumerate(qcases):
+        base.ingest([list(x) for x in c.context], progress=False)
+        full = _first_logp(base, c.context, c.suffix, "full")
+        ref = _first_logp(base, c.context, c.suffix, "reuse")
+        kl_ref = _kl(full, ref)
+        for codec, kc in kdns.items():
+            if codec == "none":  # the uncompressed entries themselves
+                got = ref
+            else:
+                _transcode(base, kc, c.context)
+                got = _first_logp(kc, c.context, c.suffix, "reuse")
+            kl_none[codec].append(_kl(ref, got))
+            kl_inc[codec].append(_kl(full, got) - kl_ref)
+        if log:
+            log(f"  quality {n + 1}/{len(qcases)}: KL(full||none) {kl_ref:.4f}  increase "
+                + " ".join(f"{codec} {kl_inc[codec][-1]:+.4f}" for codec in kdns))
+    return {codec: {**_summary("kl_vs_none", kl_none[codec]), **_summary("kl_full_increase", kl_inc[codec]),
+                    "kl_questions": len(kl_none[codec])} for codec in kdns}
+
+
+def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int = 4, doc_tokens: int = 512,
+                       reps: int = 5, questions: int = 10, ingest_rounds: int = 2, decode_reps: int | None = None,
+                       log=print) -> list[dict]:
+    """Rows, one per (codec, store). ``stores``: URLs/paths (None: memory and a temp disk tier).
+    ``decode_reps``: timed decode passes (default ``max(reps, 5)``)."""
+    from kdn_hf import KDN
+    from kdn_hf.codec import check_codec
+
+    codecs = [check_codec(c) for c in codecs]
     tmp = tempfile.TemporaryDirectory(prefix="kdn-bench-store-")
     stores = list(stores) if stores else ["memory://?budget=8GiB", str(Path(tmp.name) / "disk")]
-    case = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens)[0]
+    cases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens)
+    if not cases:
+        from kdn_hf.errors import ConfigError
+
+        raise ConfigError(f"no dev QA question fits documents cut to {doc_tokens} tokens")
+    case = cases[0]
     qcases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=questions) if questions else []
-    base = KDN(model, tokenizer, store="memory://?budget=16GiB")
-    for c in [case, *qcases]:
-        base.ingest([list(x) for x in c.context], progress=False)
-    per_codec: dict[str, dict] = {}
+    base = KDN(model, tokenizer, store="memory://?budget=4GiB")
+    base.ingest([list(x) for x in case.context], progress=False)
+    kdns = {codec: KDN(model, tokenizer, store="memory://?budget=1GiB", codec=codec) for codec in codecs}
+    sized = kdns if "fp16" in kdns else {**kdns, "fp16": KDN(model, tokenizer, store="memory://", codec="fp16")}
+    sizes = codec_sizes_and_decode(base, sized, case.context, decode_reps or max(reps, 5))
+    fp16 = sizes["fp16"]["bytes_per_token"]  # vs_fp16 needs no fp16 row
+    per_codec = {codec: sizes[codec] for codec in codecs}
+    for codec, pc in per_codec.items():
+        log(f"  codec {codec:8s} {pc['bytes_per_token']:9.0f} B/token  decode {pc['decode_tok_s']:9.0f} tok/s "
+            f"{pc['decode_mb_s']:8.1f} MB/s")
+    quality = codec_quality(base, kdns, qcases, log=log)
     for codec in codecs:
-        kc = KDN(model, tokenizer, store="memory://?budget=16GiB", codec=codec)
-        size = toks = 0
-        decode_s = []
-        for ids, ctx in _units(base, case.context):
-            chunk = base.store.get(base.chunk_key(ids, context=ctx), base.fingerprint.digest).chunk
-            key = kc.chunk_key(ids, context=ctx)
-            data = encode_entry(key, chunk, kc.fingerprint.digest, codec)
-            size, toks = size + len(data), toks + len(ids)
-            decode_s.append((len(ids), _median_time(lambda: decode_entry(data, key=key, fingerprint=kc.fingerprint.digest), reps)))
-        kl_none, kl_inc = [], []
-        for c in qcases:
-            _transcode(base, kc, c.context)
-            full = _first_logp(base, c.context, c.suffix, "full")
-            ref = _first_logp(base, c.context, c.suffix, "reuse")
-            got = _first_logp(kc, c.context, c.suffix, "reuse")
-            kl_none.append(_kl(ref, got))
-            kl_inc.append(_kl(full, got) - _kl(full, ref))
-        per_codec[codec] = {
-            "bytes_per_token": size / toks,
-            "decode_tok_s": sum(n for n, _ in decode_s) / sum(t for _, t in decode_s),
-            "kl_vs_none": statistics.fmean(kl_none) if kl_none else None,
-            "kl_full_increase": statistics.fmean(kl_inc) if kl_inc else None,
-        }
-        log(f"  codec {codec:8s} {per_codec[codec]['bytes_per_token']:9.0f} B/token  "
-            f"KL vs none {per_codec[codec]['kl_vs_none'] if kl_none else float('nan'):.5f}")
-    fp16 = per_codec.get("fp16", {}).get("bytes_per_token")
+        per_codec[codec].update(quality[codec])
+    for kc in kdns.values():
+        kc.store.close()
+    base.store.close()
 
     rows = []
     chunks = [list(x) for x in case.chunks]
     docs = [list(x) for x in case.context]
     for spec in stores:
-        ttft_memory = None
         for codec in codecs:
             kdn = KDN(model, tokenizer, store=spec, codec=codec)
             store_name = "+".join(t.name for t in kdn.store.tiers)
@@ -147,35 +203,32 @@ def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int =
                 ttfts.append(res.stats.ttft_s)
             hits = dict(res.stats.hits)
             ttft = statistics.median(ttfts)
-            if store_name == "memory" and codec == codecs[0]:
-                ttft_memory = ttft
             pc = per_codec[codec]
             row = {"suite": "delivery", "k": k, "doc_tokens": doc_tokens, "context_tokens": res.stats.tokens_total,
-                   "store": store_name, "codec": codec, "hits": hits,
-                   "bytes_per_token": pc["bytes_per_token"],
-                   "vs_fp16": (fp16 / pc["bytes_per_token"]) if fp16 else None,
-                   "decode_tok_s": pc["decode_tok_s"], "kl_vs_none": pc["kl_vs_none"],
-                   "kl_full_increase": pc["kl_full_increase"], "ttft_ms": ttft * 1000,
+                   "store": store_name, "codec": codec, "hits": hits, **pc,
+                   "vs_fp16": (fp16 / pc["bytes_per_token"]) if fp16 else None, "ttft_ms": ttft * 1000,
                    "ingest_tok_s": n_tok / statistics.median(ingest_t),
                    "prefill_tok_s": n_tok / statistics.median(prefill_t)}
             row["ingest_vs_prefill"] = row["ingest_tok_s"] / row["prefill_tok_s"]
             rows.append(row)
             log(f"  {store_name:8s} {codec:8s} TTFT {ttft * 1000:7.1f} ms  ingest {row['ingest_vs_prefill']:.0%} of prefill")
             kdn.store.close()
-        mem = {r["codec"]: r["ttft_ms"] for r in rows if r["store"] == "memory"}
-        for r in rows:
-            r["vs_memory"] = (r["ttft_ms"] / mem[r["codec"]]) if r["codec"] in mem else None
+    mem = {r["codec"]: r["ttft_ms"] for r in rows if r["store"] == "memory"}
+    for r in rows:
+        r["vs_memory"] = (r["ttft_ms"] / mem[r["codec"]]) if r["codec"] in mem else None
     tmp.cleanup()
     return rows
 
 
 COLUMNS = [("store", "{}", 8), ("codec", "{}", 8), ("bytes_per_token", "{:.0f}", 9), ("vs_fp16", "{:.2f}x", 7),
-           ("decode_tok_s", "{:.0f}", 9), ("kl_vs_none", "{:.5f}", 8), ("kl_full_increase", "{:+.5f}", 9),
+           ("decode_tok_s", "{:.0f}", 9), ("decode_mb_s", "{:.0f}", 7), ("kl_vs_none", "{:.5f}", 8),
+           ("kl_full_increase", "{:+.5f}", 9), ("kl_full_increase_max", "{:+.4f}", 8),
            ("ttft_ms", "{:.0f}", 7), ("vs_memory", "{:.2f}x", 7), ("ingest_tok_s", "{:.0f}", 8),
            ("prefill_tok_s", "{:.0f}", 8), ("ingest_vs_prefill", "{:.0%}", 7)]
-HEADERS = {"bytes_per_token": "B/token", "decode_tok_s": "dec_tok/s", "kl_vs_none": "KL_none",
-           "kl_full_increase": "dKL_full", "ttft_ms": "TTFT_ms", "vs_memory": "vs_mem", "ingest_tok_s": "ingest/s",
-           "prefill_tok_s": "prefil/s", "ingest_vs_prefill": "ing/pf"}
+HEADERS = {"bytes_per_token": "B/token", "decode_tok_s": "dec_tok/s", "decode_mb_s": "dec_MB/s",
+           "kl_vs_none": "KL_none", "kl_full_increase": "dKL_full", "kl_full_increase_max": "dKL_max",
+           "ttft_ms": "TTFT_ms", "vs_memory": "vs_mem", "ingest_tok_s": "ingest/s", "prefill_tok_s": "prefil/s",
+           "ingest_vs_prefill": "ing/pf"}
 
 
 def format_table(rows: list[dict]) -> str:

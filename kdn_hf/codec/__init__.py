@@ -8,7 +8,7 @@ Each lossy codec's module documents its error bound. A codec name is part of
 every store key and entry, so entries of different codecs never mix.
 """
 
-from kdn_hf.codec.base import CODECS, Codec, check_codec, get_codec, register
+from kdn_hf.codec.base import CODECS, Codec, check_codec, get_codec, layer_decoder, register
 from kdn_hf.codec import cast, entropy, quant  # noqa: F401  (register the built-in codecs)
 
-__all__ = ["CODECS", "Codec", "check_codec", "get_codec", "register"]
+__all__ = ["CODECS", "Codec", "check_codec", "get_codec", "layer_decoder", "register"]

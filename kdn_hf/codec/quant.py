@@ -18,7 +18,8 @@ Error bound (tested): for every element, ``|x - x_hat| <= step / 2`` where
 step up when they are cast to fp16, so no code is clamped), plus the
 rounding of ``x_hat`` to the model dtype. KV must be finite.
 
-Decode is pure torch, on the device the stored tensors are on.
+Decode is pure torch, on the device the stored tensors are on; a layer range
+decodes on its own (``Codec.layers``), bit-identical to the whole decode.
 """
 
 from __future__ import annotations
@@ -140,22 +141,58 @@ def int_codec(name: str, bits: int, group: int | None) -> Codec:
             out[f"kv.{part}.step"], out[f"kv.{part}.min"] = step, mn
         return out
 
-    def decode(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    def checked(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]):
+        """Per part (K, V): (flat codes, step, min, group, one layer's [H, D, T] / [H, T, D]), checked."""
         _need(tensors, _NAMES, name)
         shapes = _grouped_shapes(shape, _groups_of(tensors))
         L, _, H, T, D = shape
         parts = []
-        for part, gshape, real in zip(("k", "v"), shapes, ((L, H, D, T), (L, H, T, D))):
+        for part, gshape, real in zip(("k", "v"), shapes, ((H, D, T), (H, T, D))):
             q, step, mn = (tensors[f"kv.{part}.{n}"] for n in ("q", "step", "min"))
             n = L * H * T * D
             expect = (n + 1) // 2 if bits == 4 else n
-            if q.dtype != torch.uint8 or q.numel() != expect or tuple(step.shape) != gshape[:-1] != tuple(mn.shape):
+            if (q.dtype != torch.uint8 or q.numel() != expect
+                    or tuple(step.shape) != gshape[:-1] or tuple(mn.shape) != gshape[:-1]):
                 raise CorruptEntryError(f"codec {name!r}: stored {part.upper()} tensors disagree with shape {shape}")
-            codes = _to_groups((unpack4(q, n) if bits == 4 else q).reshape(real), gshape[-1])
+            parts.append((q.reshape(-1), step, mn, gshape[-1], real))
+        return parts
+
+    def decode(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        L, n = shape[0], shape[0] * shape[2] * shape[3] * shape[4]
+        parts = []
+        for q, step, mn, group, real in checked(tensors, shape):
+            codes = _to_groups((unpack4(q, n) if bits == 4 else q).reshape(L, *real), group)
             parts.append(dequantize_groups(codes, step, mn))
         return kv_from_groups(parts[0], parts[1], shape, dtype)
 
-    return Codec(encode, decode, lossless=False)
+    def layers(tensors: dict[str, torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]):
+        # Codes are stored flat in [L, H, D, T] (K) / [L, H, T, D] (V) order, so layer l's codes are the
+        # contiguous run [l*m, (l+1)*m), m = H*T*D (the padding to groups runs along T / D, inside a
+        # layer, and is not stored). int4 packs two codes a byte over the whole run: a range that starts
+        # or ends on an odd code index shares a byte with its neighbour, so whole bytes are read and the
+        # extra nibble dropped. Steps / minimums are [L, ...]: sliced.
+        parts = checked(tensors, shape)
+        L = shape[0]
+        m = shape[2] * shape[3] * shape[4]
+
+        def decode_range(start: int, stop: int) -> torch.Tensor:
+            if not 0 <= start <= stop <= L:
+                raise IndexError(f"layer range [{start}, {stop}) outside [0, {L}]")
+            n, first = (stop - start) * m, start * m
+            out = []
+            for q, step, mn, group, real in parts:
+                if bits == 4:
+                    b0, b1 = first // 2, (first + n + 1) // 2
+                    flat = unpack4(q[b0:b1], 2 * (b1 - b0))[first - 2 * b0 : first - 2 * b0 + n]
+                else:
+                    flat = q[first : first + n]
+                codes = _to_groups(flat.reshape(stop - start, *real), group)
+                out.append(dequantize_groups(codes, step[start:stop], mn[start:stop]))
+            return kv_from_groups(out[0], out[1], (stop - start, *shape[1:]), dtype)
+
+        return decode_range
+
+    return Codec(encode, decode, lossless=False, layers=layers)
 
 
 INT8 = register("int8", int_codec("int8", 8, None))

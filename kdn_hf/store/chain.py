@@ -2,6 +2,7 @@
 
 ``get`` looks in each tier in order and decodes (verifies) what it finds; a
 hit in a slower tier is promoted: its bytes are put into every faster tier.
+``open`` does the same but leaves the kv encoded, to be decoded layer by layer.
 An entry that fails verification (checksum, key, fingerprint, shape) is a
 logged warning, counted in that tier's ``stats().corrupt``, deleted from the
 tier, and the search goes on, so a damaged entry is a miss, never an error.
@@ -27,7 +28,7 @@ import torch
 from kdn_hf.errors import ConfigError, CorruptEntryError
 from kdn_hf.kv import ChunkKV
 from kdn_hf.store.base import StorageTier, TierStats
-from kdn_hf.store.entry import decode_entry, encode_entry, read_metadata
+from kdn_hf.store.entry import OpenEntry, decode_entry, encode_entry, open_entry, read_metadata
 
 logger = logging.getLogger("kdn_hf.store")
 
@@ -76,13 +77,22 @@ class KVStore:
 
     def get(self, key: str, fingerprint: str, device: str | torch.device = "cpu") -> StoreHit:
         """The verified chunk under ``key`` for model ``fingerprint``, and the tier name that hit."""
+        return self._get(key, fingerprint, device, decode_entry)
+
+    def open(self, key: str, fingerprint: str, device: str | torch.device = "cpu") -> StoreHit:
+        """``get`` leaving the kv encoded: ``StoreHit.chunk`` is an :class:`~kdn_hf.store.entry.OpenEntry`
+        (verified, its codec's per-layer decoder built) for decoding layer by layer (``kdn_hf.delivery``).
+        Errors found later, while decoding a layer, are the caller's to report (``note_corrupt``)."""
+        return self._get(key, fingerprint, device, _open_for_layers)
+
+    def _get(self, key: str, fingerprint: str, device: str | torch.device, read) -> StoreHit:
         for i, tier in enumerate(self.tiers):
             data = tier.get(key)
             if data is None and i == 0 and self._back is not None:
                 data = self._back.pending(key)
             if data is None:
                 continue
-            chunk = self._decode(i, key, data, fingerprint, device)
+            chunk = self._decode(i, key, data, fingerprint, device, read)
             if chunk is not None:
                 for faster in self.tiers[:i]:
                     faster.put(key, data)
@@ -198,9 +208,10 @@ class KVStore:
     def __repr__(self) -> str:
         return f"KVStore({self.names})"
 
-    def _decode(self, i: int, key: str, data: bytes, fingerprint: str, device: str | torch.device) -> ChunkKV | None:
+    def _decode(self, i: int, key: str, data: bytes, fingerprint: str, device: str | torch.device,
+                read=None) -> ChunkKV | None:
         try:
-            return decode_entry(data, key=key, fingerprint=fingerprint, device=device)
+            return (read or decode_entry)(data, key=key, fingerprint=fingerprint, device=device)
         except CorruptEntryError as e:
             logger.warning("store tier %s: entry %s is unusable and was removed: %s", self.names[i], key, e)
             self.tiers[i].note_corrupt(key)
@@ -261,6 +272,12 @@ class _WriteBack:
                 self._write(key)
             finally:
                 self._queue.task_done()
+
+
+def _open_for_layers(data: bytes, *, key: str, fingerprint: str, device: str | torch.device) -> OpenEntry:
+    entry = open_entry(data, key=key, fingerprint=fingerprint, device=device)
+    entry.prepare_layers()  # the codec checks its tensors (entropy: runs zstd) here, on the reading thread
+    return entry
 
 
 def _unique_names(names: list[str]) -> list[str]:

@@ -19,6 +19,8 @@ The checksum covers every tensor's name, dtype, shape and raw bytes (in
 sorted name order) and every metadata field but itself, so any bit flip in
 tensor data or metadata is caught. ``decode_entry`` raises CorruptEntryError
 for anything it cannot fully trust; KVStore turns that into a logged miss.
+``open_entry`` does the same checks but leaves the kv encoded, for decoding
+layer by layer (``OpenEntry.layers``, layer-wise delivery).
 
 Codecs live in ``kdn_hf.codec`` (``CODECS`` maps a name to a :class:`Codec`:
 encode kv to named tensors, decode them back); they are re-exported here.
@@ -34,7 +36,7 @@ from safetensors.torch import load as load_safetensors
 import torch
 import xxhash
 
-from kdn_hf.codec import CODECS, Codec, get_codec  # noqa: F401  (re-exported)
+from kdn_hf.codec import CODECS, Codec, get_codec, layer_decoder  # noqa: F401  (re-exported)
 from kdn_hf.errors import ConfigError, CorruptEntryError, InputError
 from kdn_hf.kv import ChunkKV
 
@@ -136,14 +138,75 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def decode_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch.device = "cpu") -> ChunkKV:
-    """Parse and verify an entry; return its ChunkKV on ``device``.
+class OpenEntry:
+    """A verified entry whose kv is not decoded yet (see :func:`open_entry`).
 
-    Raises CorruptEntryError (saying what failed) when the bytes are
-    truncated or unparsable, the checksum fails, the key or fingerprint is
-    not the one asked for, the codec is unknown, or tensors disagree with the
-    metadata.
+    key, codec, dtype, shape ([layers, 2, kv_heads, tokens, head_dim]), positions, token_ids, meta:
+    from the entry. ``decode()`` gives the ChunkKV (whole decode, exactly ``decode_entry``'s);
+    ``layers(start, stop)`` gives kv[start:stop] only, decoding just those layers when the codec
+    can (``Codec.layers``; the first call prepares the codec's per-layer decoder, later calls
+    reuse it). Both raise CorruptEntryError for tensors that cannot make the metadata's kv.
     """
+
+    def __init__(self, *, key: str, codec: str, dtype: torch.dtype, shape: tuple[int, ...],
+                 tensors: dict[str, torch.Tensor], positions: torch.Tensor, token_ids: torch.Tensor,
+                 meta: dict[str, str], device: str | torch.device) -> None:
+        self.key, self.codec, self.dtype, self.shape = key, codec, dtype, shape
+        self.positions, self.token_ids, self.meta, self.device = positions, token_ids, meta, device
+        self._tensors = tensors
+        self._decode_range = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the decoded kv (what ``ChunkKV.nbytes`` will say)."""
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def _codec_call(self, fn, *args):
+        try:
+            return fn(*args)
+        except (RuntimeError, ValueError, IndexError) as e:  # a forged entry whose tensors cannot make the shape
+            raise CorruptEntryError(f"entry kv cannot be decoded by codec {self.codec!r}: {e}") from e
+
+    def _check(self, kv: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if kv.dtype != self.dtype or tuple(kv.shape) != shape:
+            raise CorruptEntryError(
+                f"entry kv is {kv.dtype} {tuple(kv.shape)} but its metadata says {self.dtype} {shape}"
+            )
+        return kv
+
+    def prepare_layers(self) -> None:
+        """Check the codec's tensors and build its per-layer decoder now (done by the first ``layers``)."""
+        if self._decode_range is None:
+            self._decode_range = self._codec_call(
+                layer_decoder, get_codec(self.codec), self._tensors, self.dtype, self.shape)
+
+    def layers(self, start: int, stop: int) -> torch.Tensor:
+        """kv[start:stop] ([stop - start, 2, kv_heads, tokens, head_dim]), on the entry's device."""
+        self.prepare_layers()
+        kv = self._codec_call(self._decode_range, start, stop)
+        return self._check(kv, (stop - start, *self.shape[1:])).to(self.device)
+
+    def decode(self) -> ChunkKV:
+        kv = self._codec_call(get_codec(self.codec).decode, self._tensors, self.dtype, self.shape)
+        kv = self._check(kv, self.shape)
+        return ChunkKV(kv=kv.to(self.device), positions=self.positions.to(self.device),
+                       token_ids=self.token_ids.to(self.device), meta=self.meta)
+
+
+def open_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch.device = "cpu") -> OpenEntry:
+    """Parse and verify an entry (everything ``decode_entry`` checks but the codec's own tensors),
+    leaving its kv encoded: see :class:`OpenEntry`. Raises CorruptEntryError like ``decode_entry``."""
     data = bytes(data)
     meta = _read_metadata(data)
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
@@ -178,13 +241,17 @@ def decode_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch
             found = None if t is None else (t.dtype, tuple(t.shape))
             raise CorruptEntryError(f"entry {name} should be int64 [{shape[3]}], found {found}")
     tensors = {name: t.to(device) for name, t in tensors.items()}
-    try:
-        kv = codec.decode(tensors, dtype, shape)
-    except (RuntimeError, ValueError, IndexError) as e:  # a forged entry whose tensors cannot make the shape
-        raise CorruptEntryError(f"entry kv cannot be decoded by codec {meta.get('codec')!r}: {e}") from e
-    if kv.dtype != dtype or tuple(kv.shape) != shape:
-        raise CorruptEntryError(
-            f"entry kv is {kv.dtype} {tuple(kv.shape)} but its metadata says {dtype} {shape}"
-        )
     user_meta = {k[len(META_PREFIX) :]: v for k, v in meta.items() if k.startswith(META_PREFIX)}
-    return ChunkKV(kv=kv.to(device), positions=positions.to(device), token_ids=token_ids.to(device), meta=user_meta)
+    return OpenEntry(key=key, codec=meta["codec"], dtype=dtype, shape=shape, tensors=tensors,
+                     positions=positions, token_ids=token_ids, meta=user_meta, device=device)
+
+
+def decode_entry(data: bytes, *, key: str, fingerprint: str, device: str | torch.device = "cpu") -> ChunkKV:
+    """Parse and verify an entry; return its ChunkKV on ``device``.
+
+    Raises CorruptEntryError (saying what failed) when the bytes are
+    truncated or unparsable, the checksum fails, the key or fingerprint is
+    not the one asked for, the codec is unknown, or tensors disagree with the
+    metadata.
+    """
+    return open_entry(data, key=key, fingerprint=fingerprint, device=device).decode()

@@ -4,7 +4,7 @@ URL (the query parameters are ours; the rest goes to redis-py's ``from_url``)::
 
     redis://[user:pass@]host:port/db?prefix=kdn:&ttl=86400&timeout=0.25&breaker=5&budget=8GiB
     rediss://...                      TLS
-    redis://host:port/0?cluster=1     Redis Cluster (redis-py's cluster client)
+    redis://host:port/0?cluster=1     Redis Cluster (redis-py's cluster client; any node of it)
 
 - ``prefix``   string put before every key (default ``kdn:``). Keys are
   already hashes over the namespace, model and codec, so the prefix only
@@ -29,6 +29,16 @@ of several keys are one pipelined round trip.
 Semantics that differ from the in-process tiers (``exact_budget = False``):
 eviction order and byte accounting are the server's, and ``stats()`` scans
 the prefix's keys for ``entries`` / ``bytes_used`` (O(entries)).
+
+Redis Cluster (``cluster=1``): keys spread over hash slots, so batched gets
+and puts are split by slot and pipelined to each master (redis-py's cluster
+pipeline / ``mget_nonatomic``); ``keys()`` and ``stats()`` scan every master
+and ``evictions`` sums their counts. Only db 0 exists in a cluster (another db
+is a StoreError). The client discovers the cluster on first use, not when the
+tier is opened, so an unreachable cluster is a bounded miss like a down
+server. A master that dies takes the whole tier down for a breaker period at a
+time (each call that meets the error is one miss, never an exception) until
+the cluster heals: a replica promoted in its place, or the master back.
 """
 
 from __future__ import annotations
@@ -37,12 +47,13 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.cluster
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from kdn_hf.errors import StoreError
@@ -54,6 +65,9 @@ DEFAULT_PREFIX = "kdn:"
 DEFAULT_TIMEOUT_S = 0.25
 DEFAULT_BREAKER_S = 5.0
 _PARAMS = ("prefix", "ttl", "timeout", "breaker", "budget", "cluster")
+#: what a failing call may raise: redis-py's errors (RedisClusterException, e.g. "cannot be connected"
+#: or a slot not covered, is not a RedisError) and socket errors
+_FAILURES = (redis.RedisError, RedisClusterException, OSError)
 
 
 class RedisTier(StorageTier):
@@ -64,21 +78,27 @@ class RedisTier(StorageTier):
 
     def __init__(
         self,
-        client: "redis.Redis | redis.cluster.RedisCluster",
+        client: "redis.Redis | redis.cluster.RedisCluster | Callable[[], redis.cluster.RedisCluster]",
         *,
         prefix: str = DEFAULT_PREFIX,
         ttl_s: int | None = None,
         breaker_s: float = DEFAULT_BREAKER_S,
         byte_budget: int | None = None,
     ) -> None:
-        self.client = client
+        """``client``: a redis-py client, or a function making a RedisCluster client (called on first use,
+        since a cluster client connects as it is made)."""
+        if callable(client) and not isinstance(client, (redis.Redis, redis.cluster.RedisCluster)):
+            self._client, self._connect, self._cluster = None, client, True
+        else:
+            self._client, self._connect = client, None
+            self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.breaker_s = breaker_s
         self.byte_budget = None if byte_budget is None else check_budget(byte_budget, "redis")
-        self._cluster = isinstance(client, redis.cluster.RedisCluster)
         self._down_until = 0.0
         self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()
         self._stats = TierStats(name=self.name, byte_budget=self.byte_budget or 0)
 
     @classmethod
@@ -109,10 +129,13 @@ class RedisTier(StorageTier):
         kwargs = dict(socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
         try:
             if ours.get("cluster", "0") not in ("", "0", "false"):
-                client = redis.cluster.RedisCluster.from_url(plain, **kwargs)
+                if parts.path.strip("/") not in ("", "0") or dict(theirs).get("db", "0") != "0":
+                    raise ValueError("a Redis Cluster has only db 0; use redis://host:port/0?cluster=1")
+                redis.connection.parse_url(plain)  # bad URLs fail now; connecting waits for the first call
+                client = lambda: redis.cluster.RedisCluster.from_url(plain, **kwargs)
             else:
                 client = redis.Redis.from_url(plain, **kwargs)
-        except (ValueError, redis.RedisError) as e:
+        except (ValueError, redis.RedisError, RedisClusterException) as e:
             raise StoreError(f"cannot open redis store {url!r}: {e}") from e
         return cls(client, prefix=ours.get("prefix", DEFAULT_PREFIX), ttl_s=ttl, breaker_s=breaker, byte_budget=budget)
 
@@ -178,7 +201,7 @@ class RedisTier(StorageTier):
             return len(names), sum(sizes)
 
         counted = self._call("stats", scan)
-        evicted = self._call("stats", lambda: self.client.info("stats").get("evicted_keys", 0))
+        evicted = self._call("stats", self._evicted)
         with self._lock:
             s = dataclasses.replace(self._stats)
         if counted is not None:
@@ -188,10 +211,21 @@ class RedisTier(StorageTier):
         return s
 
     def close(self) -> None:
+        if self._client is None:
+            return
         try:
-            self.client.close()
-        except redis.RedisError:
+            self._client.close()
+        except _FAILURES:
             pass
+
+    @property
+    def client(self) -> redis.Redis | redis.cluster.RedisCluster:
+        """The redis-py client (a cluster client is made, and the cluster discovered, on first use)."""
+        if self._client is None:
+            with self._connect_lock:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
 
     @property
     def available(self) -> bool:
@@ -206,6 +240,13 @@ class RedisTier(StorageTier):
     def _glob(self) -> str:
         escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
         return escaped + "*"
+
+    def _evicted(self) -> int:
+        """The server's evicted_keys; summed over every master of a cluster."""
+        if self._cluster:
+            per_node = self.client.info("stats", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+            return sum(int(info.get("evicted_keys", 0)) for info in per_node.values())
+        return int(self.client.info("stats").get("evicted_keys", 0))
 
     def _mget(self, names: list[str]) -> list:
         if self._cluster:
@@ -227,7 +268,7 @@ class RedisTier(StorageTier):
             return None
         try:
             return fn()
-        except (redis.RedisError, OSError) as e:
+        except _FAILURES as e:
             self._down_until = time.monotonic() + self.breaker_s
             logger.warning(
                 "redis tier: %s failed (%s: %s); skipping redis for %.1f s", what, type(e).__name__, e, self.breaker_s

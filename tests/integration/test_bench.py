@@ -35,3 +35,38 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert reuse["bytes_loaded"] > 0 and reuse["tokens_recomputed"] == 0
     assert rows[3]["tokens_recomputed"] > 0 and rows[3]["kl_mean"] is not None
     assert out_png.stat().st_size > 1000
+
+
+def test_bench_store_is_an_alias_of_bench_codec():
+    from kdn_hf.cli import build_parser, cmd_bench, cmd_bench_store
+
+    ap = build_parser()
+    assert ap.parse_args(["bench-store"]).func is cmd_bench_store
+    args = ap.parse_args(["bench", "--codec", "int4,entropy", "--store", "memory://", "--store", "/tmp/x"])
+    assert args.func is cmd_bench and args.codec == "int4,entropy" and args.store == ["memory://", "/tmp/x"]
+    assert ap.parse_args(["bench"]).codec is None  # no --codec: the method bench
+
+
+@pytest.mark.slow
+def test_bench_codec_reports_size_decode_kl_ttft_and_ingest(tmp_path, capsys):
+    out_json = tmp_path / "c.json"
+    rc = main(["bench", "--codec", "none,fp16,int4,entropy", "--k", "2", "--doc-tokens", "48", "--reps", "1",
+               "--questions", "2", "--store", "memory://", "--store", str(tmp_path / "disk"),
+               "--json", str(out_json)])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "dec_MB/s" in table and "dKL_full" in table
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["store"], r["codec"]) for r in rows] == [(s, c) for s in ("memory", "disk")
+                                                        for c in ("none", "fp16", "int4", "entropy")]
+    by = {(r["store"], r["codec"]): r for r in rows}
+    none, fp16, int4, ent = (by["memory", c] for c in ("none", "fp16", "int4", "entropy"))
+    assert fp16["vs_fp16"] == 1.0 and none["vs_fp16"] < 0.6  # fp32 model: 'none' is twice fp16
+    assert int4["vs_fp16"] > 3.3 and ent["bytes_per_token"] < int4["bytes_per_token"]  # 48-token groups
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["decode_mb_s"] > 0 and r["ttft_ms"] > 0
+        assert r["ingest_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["kl_questions"] == 2
+        assert r["kl_full_increase_max"] >= r["kl_full_increase_median"] - 1e-12
+        assert sum(r["hits"].values()) >= 2  # every unit of the timed prompt came from the store
+    assert none["kl_vs_none"] == 0.0 and ent["kl_vs_none"] == pytest.approx(int4["kl_vs_none"], abs=1e-6)
+    assert by["disk", "int4"]["vs_memory"] > 0

@@ -167,3 +167,105 @@ def test_no_pickle_on_any_read_path():
     banned = re.compile(r"import pickle|pickle\.loads?|(?<![\w.])torch\.load\(|import marshal|(?<![\w.])eval\(")
     for f in files:
         assert not banned.search(f.read_text()), f"{f.name}: {banned.search(f.read_text()).group(0)}"
+
+
+# ------------------------------------------------------------------------------ per-layer decode
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8))
+
+
+def _odd_kv(dtype=torch.float32) -> torch.Tensor:
+    """[L=5, 2, H=1, T=7, D=5]: 35 codes per layer and part, so int4 layers start mid-byte."""
+    g = torch.Generator().manual_seed(7)
+    kv = torch.randn(5, 2, 1, 7, 5, generator=g)
+    kv[:, 0, :, :, 1] *= 30
+    return kv.to(dtype)
+
+
+LAYER_CASES = [
+    pytest.param(lambda dt: realistic_kv(37, dt, seed=3), id="realistic-T37"),
+    pytest.param(lambda dt: realistic_kv(130, dt, seed=4, head_dim=64), id="realistic-T130-D64"),
+    pytest.param(_odd_kv, id="odd-codes-per-layer"),
+    pytest.param(lambda dt: torch.zeros(3, 2, 2, 0, 8, dtype=dt), id="empty"),
+]
+
+
+@pytest.mark.parametrize("codec", ALL)
+@pytest.mark.parametrize("make", LAYER_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_decode_is_whole_decode_sliced(codec, make, dtype):
+    """Codec.layers(range) == decode()[range], bit for bit, for every layer, several ranges, every codec."""
+    from kdn_hf.codec import layer_decoder
+
+    kv = make(dtype)
+    c = get_codec(codec)
+    assert c.layers is not None, f"{codec} has no per-layer decode"
+    tensors = {k: t.contiguous() for k, t in c.encode(kv).items()}
+    shape = tuple(kv.shape)
+    whole = c.decode(tensors, dtype, shape)
+    decode_range = layer_decoder(c, tensors, dtype, shape)
+    L = shape[0]
+    for start, stop in [*((l, l + 1) for l in range(L)), (0, L), (1, L), (1, 3), (2, 2), (L, L)]:
+        got = decode_range(start, stop)
+        assert _same_bits(got, whole[start:stop]), (codec, start, stop)
+    with pytest.raises(IndexError):
+        decode_range(0, L + 1)
+
+
+@pytest.mark.parametrize("codec", ALL)
+def test_open_entry_layers_match_decode_entry(make_chunk, codec):
+    from kdn_hf.store.entry import open_entry
+
+    kv = realistic_kv(37, seed=5)
+    chunk = make_chunk(tokens=37, layers=3, kv_heads=2, head_dim=16)
+    chunk.kv = kv
+    data = encode_entry(KEY, chunk, FP, codec=codec)
+    ref = decode_entry(data, key=KEY, fingerprint=FP)
+    entry = open_entry(data, key=KEY, fingerprint=FP)
+    assert entry.shape == tuple(kv.shape) and entry.dtype == kv.dtype and entry.nbytes == ref.nbytes
+    assert torch.equal(entry.positions, ref.positions) and torch.equal(entry.token_ids, ref.token_ids)
+    for l in range(3):
+        assert _same_bits(entry.layers(l, l + 1), ref.kv[l : l + 1])
+    assert _same_bits(entry.decode().kv, ref.kv)
+
+
+def test_layer_decoder_falls_back_to_one_whole_decode(monkeypatch):
+    """A codec without Codec.layers: the whole entry is decoded once, on the first range, then sliced."""
+    from kdn_hf.codec import Codec, layer_decoder
+
+    calls = []
+
+    def dec(tensors, dtype, shape):
+        calls.append(1)
+        return tensors["kv"].to(dtype)
+
+    toy = Codec(lambda kv: {"kv": kv}, dec)
+    kv = realistic_kv(9)
+    decode_range = layer_decoder(toy, {"kv": kv}, kv.dtype, tuple(kv.shape))
+    assert not calls  # nothing decoded before it is asked for
+    assert torch.equal(decode_range(1, 2), kv[1:2]) and torch.equal(decode_range(0, 3), kv)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("codec", ["int4", "int8", "none", "entropy"])
+def test_forged_entry_fails_per_layer_setup(make_chunk, codec):
+    """Tensors that cannot make the shape fail when the per-layer decoder is built (on the fetch thread)."""
+    import safetensors.torch
+
+    from kdn_hf.store import entry
+
+    chunk = make_chunk(tokens=8)
+    data = encode_entry(KEY, chunk, FP, codec=codec)
+    tensors = safetensors.torch.load(data)
+    meta = entry.read_metadata(data)
+    name = {"int4": "kv.k.q", "int8": "kv.v.step", "none": "kv", "entropy": "kv.k.z"}[codec]
+    tensors[name] = tensors[name][:-1]
+    meta["checksum"] = entry._checksum(tensors, meta)
+    opened = entry.open_entry(safetensors.torch.save(tensors, meta), key=KEY, fingerprint=FP)
+    with pytest.raises(CorruptEntryError):
+        opened.prepare_layers()
+    with pytest.raises(CorruptEntryError):
+        opened.layers(0, 1)

@@ -26,19 +26,22 @@ def value(i: int, size: int = SIZE) -> bytes:
     return bytes([i % 251]) * size
 
 
-@pytest.fixture(params=["memory", "disk", "redis"])
+@pytest.fixture(params=["memory", "disk", "redis", "redis-cluster"])
 def make_tier(request, tmp_path):
-    """Factory ``make_tier(byte_budget) -> StorageTier`` of the parametrized kind."""
+    """Factory ``make_tier(byte_budget) -> StorageTier`` of the parametrized kind
+    (``redis-cluster``: a real 3-master Redis Cluster, ``?cluster=1``)."""
     if request.param == "redis":
         request.getfixturevalue("redis_url")
+    if request.param == "redis-cluster":
+        request.getfixturevalue("redis_cluster").flush()
 
     def make(byte_budget: int = 10_000) -> StorageTier:
         if request.param == "memory":
             return MemoryTier(byte_budget)
-        if request.param == "redis":
+        if request.param.startswith("redis"):
             from kdn_hf.store.redis import RedisTier
 
-            server = request.getfixturevalue("redis_server")
+            server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
             return RedisTier.from_url(server.url(prefix="test:", budget=check_budget(byte_budget, "redis")))
         return DiskTier(tmp_path / "store", byte_budget)
 
