@@ -21,12 +21,13 @@ from pathlib import Path
 from kdn_hf.errors import KDNError
 
 
-def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, model: bool = True, codec: bool = True) -> None:
     p.add_argument("--store", action="append", default=None,
                    help="store URL or path (repeat for a tier chain, fastest first); default: KDN_HOME/store")
     if model:
         p.add_argument("--model", default="smollm2-135m", help="bundled model name or local model directory")
         p.add_argument("--namespace", default="default", help="tenant namespace of the stored entries")
+    if model and codec:
         p.add_argument("--codec", default="none",
                        help="stored KV codec: none, fp16, bf16, int8, int4, int4-g<N>, entropy (part of the key)")
 
@@ -183,15 +184,23 @@ def cmd_bench(args) -> int:
     from kdn_hf import KDN
     from kdn_hf.bench import format_table, methods_from, plot, run_bench, write_json
 
-    methods = methods_from(_names(args.methods), _floats(args.ratios), _names(args.selection))
     if args.workload != "rag":
         raise SystemExit(f"kdn bench: unknown workload {args.workload!r}; available: rag")
-    kdn = KDN.from_pretrained(args.model, store=args.store or ["memory://?budget=4GiB"], namespace=args.namespace)
+    if args.codec is not None:  # the storage/codec bench (kdn bench-store)
+        return cmd_bench_store(args)
+    args.questions = 50 if args.questions is None else args.questions
+    args.reps = 3 if args.reps is None else args.reps
+    methods = methods_from(_names(args.methods), _floats(args.ratios), _names(args.selection))
+    from kdn_hf.bench.workload import SYSTEM
+
+    lead_in = SYSTEM if args.lead_in == "system" else None
+    kdn = KDN.from_pretrained(args.model, store=args.store or ["memory://?budget=4GiB"], namespace=args.namespace,
+                              lead_in=lead_in)
     store_name = "+".join(t.name for t in kdn.store.tiers)
     doc_tokens = [int(x) for x in _names(args.doc_tokens)]
     rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,
                      timing_cases=args.timing_cases, questions=args.questions, tf_tokens=args.tf_tokens,
-                     store_name=store_name, log=lambda m: print(m, file=sys.stderr))
+                     store_name=store_name, lead_in=args.lead_in, log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
@@ -204,14 +213,21 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_store(args) -> int:
+    """``kdn bench --codec ...`` / ``kdn bench-store``: bytes/token, decode, KL, TTFT per store, ingest."""
     from kdn_hf import models
-    from kdn_hf.bench.delivery import format_table, run_delivery_bench
+    from kdn_hf.bench.delivery import CODECS, format_table, run_delivery_bench
     from kdn_hf.bench.run import write_json
 
+    codecs = _names(args.codec or ",".join(CODECS))
+    args.questions = 10 if args.questions is None else args.questions
+    args.reps = 5 if args.reps is None else args.reps
+    if getattr(args, "plot", None):
+        print("kdn bench: --plot draws the method bench; it is ignored with --codec", file=sys.stderr)
     model, tok = models.load(args.model)
-    rows = run_delivery_bench(model, tok, codecs=_names(args.codec), stores=args.store, k=args.k,
-                              doc_tokens=args.doc_tokens, reps=args.reps, questions=args.questions,
-                              log=lambda m: print(m, file=sys.stderr))
+    rows = []
+    for n_tok in (int(x) for x in _names(str(args.doc_tokens))):
+        rows += run_delivery_bench(model, tok, codecs=codecs, stores=args.store, k=args.k, doc_tokens=n_tok,
+                                   reps=args.reps, questions=args.questions, log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json, {k: v for k, v in vars(args).items() if k != "func"})
@@ -236,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt placed before the documents")
     p.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
     p.add_argument("--recompute-ratio", type=float, default=0.15, help="blend: fraction of tokens recomputed")
-    p.add_argument("--selection", default="cacheblend", help="blend: token selection strategy (cacheblend, kdn)")
+    p.add_argument("--selection", default="kdn",
+                   help="blend: token selection strategy (kdn: question-aware, the default; cacheblend)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512, help="chunk size used when the docs were ingested")
     p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
@@ -270,26 +287,38 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q, model=False)
     q.set_defaults(func=cmd_store_rm)
 
-    p = sub.add_parser("bench", help="TTFT and quality of full / prefix / reuse / blend (rag workload)")
+    p = sub.add_parser("bench", help="TTFT and quality of full / prefix / reuse / blend (rag workload); "
+                                     "with --codec: the storage/codec bench")
     p.add_argument("--workload", default="rag", help="workload name (rag: k documents + system prompt + question)")
     p.add_argument("--methods", default="full,prefix,reuse,blend", help="comma list from full,prefix,reuse,blend")
     p.add_argument("--ratios", default="0.15", help="blend recompute ratios, comma list")
     p.add_argument("--selection", default="kdn,cacheblend", help="blend selection strategies, comma list")
     p.add_argument("--k", type=int, default=4, help="documents per prompt")
     p.add_argument("--doc-tokens", default="512", help="document length(s) in tokens, comma list")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per timed prompt (median reported)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="repetitions per timed prompt (median reported; default 3, with --codec 5)")
     p.add_argument("--timing-cases", type=int, default=2, help="prompts timed per method")
-    p.add_argument("--questions", type=int, default=50, help="dev QA questions for quality (0: timing only)")
+    p.add_argument("--questions", type=int, default=None,
+                   help="dev QA questions for quality (0: timing only; default 50, with --codec 10)")
     p.add_argument("--tf-tokens", type=int, default=32, help="teacher-forced continuation length")
+    p.add_argument("--lead-in", default="none", choices=["none", "system"],
+                   help="what chunks are computed after: BOS only (none) or BOS + the workload's system prompt "
+                        "(KDN(lead_in=...): lead-in precompute)")
     p.add_argument("--json", default=None, help="write rows + config as JSON here")
     p.add_argument("--plot", default=None, help="write a PNG plot (TTFT and KL by method and length)")
-    _common(p)
+    p.add_argument("--codec", default=None,
+                   help="codecs, comma list (e.g. none,fp16,int8,int4,entropy): run the storage/codec bench instead "
+                        "(as `kdn bench-store`): bytes/token, ratio vs fp16, decode tokens/s and MB/s, first-token "
+                        "KL vs the uncompressed entry, TTFT per --store (each --store is timed on its own), "
+                        "ingest vs raw prefill")
+    _common(p, codec=False)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("bench-store", help="storage/codec bench: bytes/token, decode, KL, TTFT per tier, ingest")
+    p = sub.add_parser("bench-store", help="storage/codec bench (= kdn bench --codec): bytes/token, decode, KL, "
+                                           "TTFT per store, ingest")
     p.add_argument("--codec", default="none,fp16,int8,int4,entropy", help="codecs, comma list")
     p.add_argument("--k", type=int, default=4, help="documents per prompt")
-    p.add_argument("--doc-tokens", type=int, default=512, help="document length in tokens")
+    p.add_argument("--doc-tokens", default="512", help="document length(s) in tokens, comma list")
     p.add_argument("--reps", type=int, default=5, help="repetitions per timing (median reported)")
     p.add_argument("--questions", type=int, default=10, help="dev QA questions for the KL columns (0: none)")
     p.add_argument("--json", default=None, help="write rows + config as JSON here")

@@ -41,7 +41,7 @@ def run_demo(store=None, model: str = "smollm2-135m", reps: int = 3) -> list[dic
     chunks = demo_prompt(kdn.tokenizer, data, qa["q"])
     for ids_text in chunks[:-1]:  # make the first reuse run cold
         ids = kdn.tokenizer(ids_text, add_special_tokens=False)["input_ids"]
-        kdn.store.delete(kdn.chunk_key(ids, context=kdn.lead_in))
+        kdn.store.delete(kdn.chunk_key(ids, context=kdn.context_of(ids)))
     tiers = ", ".join(f"{t.name}" for t in kdn.store.tiers)
     print(f"store: {tiers} ({', '.join(str(getattr(t, 'root', 'memory')) for t in kdn.store.tiers)})")
     print(f"prompt: {len(chunks) - 1} chunks + question\n")

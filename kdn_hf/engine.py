@@ -33,7 +33,7 @@ from transformers.generation.streamers import BaseStreamer
 from kdn_hf.blend import DEFAULT_SELECTION
 from kdn_hf.cache import KDNCache
 from kdn_hf.codec import check_codec
-from kdn_hf.delivery import ChunkLoader, start_loading
+from kdn_hf.delivery import ChunkLoader, Composition, LayerSource, start_loading
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
 from kdn_hf.errors import ConfigError, InputError
@@ -80,6 +80,11 @@ def _check_mode(mode: str, recompute_ratio: float, selection: str = DEFAULT_SELE
     return float(recompute_ratio) if mode == "blend" else 0.0
 
 
+def _layer_slicer(kv: torch.Tensor):
+    """``layers(start, stop)`` of a computed chunk's kv (delivery's LayerSource.layers)."""
+    return lambda start, stop: kv[start:stop]
+
+
 class KDN:
     """A model, its tokenizer and a KV store, composing stored chunk KV into prompts.
 
@@ -88,9 +93,15 @@ class KDN:
     store:     a KVStore, a store URL / path, a list of them (a tier chain,
                fastest first), or None for the default disk store under KDN_HOME.
     namespace: tenant salt; entries of one namespace are invisible to another.
+    codec:     how entries are stored (``kdn_hf.codec``; part of every key).
+    lead_in:   optional text (or ids) every chunk is computed after, following BOS, e.g. the
+               system prompt your prompts open with ("offline KV editing" in the CacheBlend
+               paper): chunks then carry attention to it. Part of every chunk key. A chunk equal
+               to the lead-in itself is computed after BOS only. None: BOS only.
     """
 
-    def __init__(self, model, tokenizer, store=None, *, namespace: str = "default", codec: str = "none") -> None:
+    def __init__(self, model, tokenizer, store=None, *, namespace: str = "default", codec: str = "none",
+                 lead_in=None) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ConfigError(f"namespace must be a non-empty string, got {namespace!r}")
         self.model = model.eval()
@@ -101,7 +112,10 @@ class KDN:
         self.fingerprint = model_fingerprint(model)
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_positions: int | None = getattr(text_cfg, "max_position_embeddings", None)
-        self.lead_in: tuple[int, ...] = lead_in_ids(tokenizer)
+        self.lead_in: tuple[int, ...] = lead_in_ids(tokenizer)  # BOS (or nothing): opens every prompt
+        #: ids every chunk is computed after (``lead_in`` plus the optional lead-in text)
+        self.lead_in_text: tuple[int, ...] = () if lead_in is None else tokenize_chunk(tokenizer, lead_in)
+        self.chunk_context: tuple[int, ...] = self.lead_in + self.lead_in_text
         self._rope: RopeSpec | None = None
         self._deferred: list[tuple[str, ChunkKV]] | None = None  # store writes held back during generate
 
@@ -143,14 +157,14 @@ class KDN:
             raise InputError("ingest takes a list of texts; wrap a single text as [text]")
         ids_list = [tokenize_chunk(self.tokenizer, t, i) for i, t in enumerate(texts)]
         for i, ids in enumerate(ids_list):
-            if self.max_positions and len(self.lead_in) + len(ids) > self.max_positions:
+            if self.max_positions and len(self.context_of(ids)) + len(ids) > self.max_positions:
                 from kdn_hf.errors import ContextTooLongError
 
                 raise ContextTooLongError(
                     f"text {i} has {len(ids)} tokens, more than the model's {self.max_positions} positions; "
                     f"split it into smaller chunks (e.g. `kdn ingest --max-tokens 512`)"
                 )
-        keys = [self.chunk_key(ids, context=self.lead_in) for ids in ids_list]
+        keys = [self.chunk_key(ids, context=self.context_of(ids)) for ids in ids_list]
         if self.lead_in:  # every prompt opens with the lead-in: store it too, so a warm prompt is all hits
             lead_key = self.chunk_key(self.lead_in)
             if not self.store.contains(lead_key):
@@ -158,8 +172,13 @@ class KDN:
         show = progress if progress is not None else len(ids_list) > 1
         for ids, key in tqdm(list(zip(ids_list, keys)), desc="ingest", unit="chunk", disable=not show):
             if not self.store.contains(key):
-                self._compute_and_store(ids, key, self.lead_in)
+                self._compute_and_store(ids, key, self.context_of(ids))
         return keys
+
+    def context_of(self, ids: Sequence[int]) -> tuple[int, ...]:
+        """The ids chunk ``ids`` is computed after: BOS plus the lead-in text, or BOS alone for the
+        lead-in text itself (which then sits where it is computed, at the start of a prompt)."""
+        return self.lead_in if tuple(ids) == self.lead_in_text else self.chunk_context
 
     def _compute_and_store(self, ids: Sequence[int], key: str, context: Sequence[int]) -> ChunkKV:
         """Compute a chunk on its own after ``context`` (the lead-in, or nothing) and store it."""
@@ -182,20 +201,27 @@ class KDN:
 
     # --------------------------------------------------------------- prepare
     def prepare(self, chunks: Sequence, *, mode: str = "blend", recompute_ratio: float = 0.15,
-                selection: str = DEFAULT_SELECTION) -> KDNCache:
+                selection: str = DEFAULT_SELECTION, query=None) -> KDNCache:
         """A KDNCache holding the KV of ``chunks`` (all of them) composed at their prompt positions.
 
         Pass it to ``model.generate`` with prompt ids that extend ``cache.token_ids``
         by at least one token (the question), e.g. ``prepare(chunks[:-1])``.
         ``recompute_ratio`` and ``selection`` (a name in ``kdn_hf.blend.SELECTIONS``) apply to
         ``mode="blend"`` only (``mode="reuse"`` is ratio 0; blend at ratio 0 is reuse).
+        ``query`` (text or ids): the question that will follow, if known. Question-aware
+        selections (``"kdn"``) use it to choose what to recompute; the cache still covers
+        ``chunks`` only. Without it they fall back to ranking by deviation.
         """
         ratio = _check_mode(mode, recompute_ratio, selection)
-        prompt = build_prompt(self.tokenizer, chunks, max_positions=self.max_positions)
-        return self._prepare(prompt, len(prompt.chunk_ids), mode, ratio, selection)
+        parts = list(chunks) if query is None or isinstance(chunks, (str, bytes)) else [*chunks, query]
+        prompt = build_prompt(self.tokenizer, parts, max_positions=self.max_positions)
+        n = len(prompt.chunk_ids) - (query is not None)
+        q = prompt.chunk_ids[-1] if query is not None else ()
+        return self._prepare(prompt, n, mode, ratio, selection, query=q)
 
     def _prepare(self, prompt: Prompt, n_chunks: int, mode: str, ratio: float,
-                 selection: str = DEFAULT_SELECTION) -> KDNCache:
+                 selection: str = DEFAULT_SELECTION, query: Sequence[int] = (),
+                 keep_query: bool = False) -> KDNCache:
         t0 = time.perf_counter()
         sub = Prompt(prompt.lead_in, prompt.chunk_ids[:n_chunks])
         stats = PrepareStats(mode=mode, chunks=n_chunks, tokens_total=len(sub))
@@ -206,8 +232,10 @@ class KDN:
         else:
             # longrope switches every frequency once a sequence passes a length: check the whole prompt
             self.rope_spec.check_positions(len(prompt) - 1)
-            cache = self._prepare_reuse(sub, stats, ratio if mode == "blend" else 0.0, selection)
-        cache.token_ids = torch.tensor(sub.prompt_ids, dtype=torch.long)
+            cache = self._prepare_reuse(sub, stats, ratio if mode == "blend" else 0.0, selection,
+                                        query=query, keep_query=keep_query)
+        if mode in ("full", "prefix"):
+            cache.token_ids = torch.tensor(sub.prompt_ids, dtype=torch.long)
         cache.chunk_spans = sub.spans
         stats.prepare_s = time.perf_counter() - t0
         cache.stats = stats
@@ -244,32 +272,137 @@ class KDN:
         return cfg.num_hidden_layers
 
     def _prepare_reuse(self, prompt: Prompt, stats: PrepareStats, ratio: float = 0.0,
-                       selection: str = DEFAULT_SELECTION) -> KDNCache:
+                       selection: str = DEFAULT_SELECTION, query: Sequence[int] = (),
+                       keep_query: bool = False) -> KDNCache:
+        """Compose (and, for ratio > 0, blend) the KV of ``prompt``.
+
+        query: the question that follows the prompt (ids), or empty. When blending, it is computed
+               with the context (its attention guides question-aware selections); with
+               ``keep_query`` the cache then also covers all of it but its last token (stock generate
+               feeds that one), else the cache covers the prompt only.
+        """
         device = self.model.device
         units: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (ids, context they are computed after)
         if prompt.lead_in:
             units.append((prompt.lead_in, ()))
-        units += [(ids, prompt.lead_in) for ids in prompt.chunk_ids]
+        units += [(ids, self.context_of(ids)) for ids in prompt.chunk_ids]
         keys = [self.chunk_key(ids, context=context) for ids, context in units]
-        # fetch + decode of the next chunks runs in the background while this loop re-rotates (kdn_hf.delivery)
-        with start_loading(self.store, keys, self.fingerprint.digest) as loader:
-            kv = self._compose(units, keys, loader, stats, device)
-        if kv is None:
-            return KDNCache()
-        at = kv.shape[3]
-        ids = torch.tensor(prompt.prompt_ids, dtype=torch.long)
+        query = tuple(query) if ratio > 0 else ()
+        ids = torch.tensor(list(prompt.prompt_ids) + list(query), dtype=torch.long)
+        blend = None
+        first_layer = 0
         if ratio > 0:  # kv is a fresh buffer (never a stored entry): blend it in place
             from kdn_hf.blend import get_selection, recompute
 
-            res = recompute(self.model, kv, ids, prompt.spans, ratio, get_selection(selection))
-            stats.tokens_recomputed = int(res.selected.numel())
-        return KDNCache(kv, torch.arange(at), ids)
+            sel = get_selection(selection)
+            first_layer = sel.fresh_layers(bool(query))  # overwritten for every token: not composed
 
-    def _compose(self, units, keys, loader: ChunkLoader, stats: PrepareStats, device) -> torch.Tensor | None:
-        """The prompt's KV [layers, 2, kv_heads, tokens, head_dim]: each unit's KV (stored, or computed and
-        stored) re-rotated to its prompt position and written once into one buffer; None for no units."""
+            def blend(kv, wait_layer):  # reads layer l of kv only after wait_layer(l)
+                res = recompute(self.model, kv, ids, prompt.spans, ratio, sel, wait_layer=wait_layer,
+                                query_rows=len(query))
+                stats.tokens_recomputed = int(res.selected.numel())
+
+        # fetches start now, in the background; composing then runs layer by layer in the background
+        # while the blend reads the layers already composed (kdn_hf.delivery)
+        with start_loading(self.store, keys, self.fingerprint.digest, decode=not self.layerwise) as loader:
+            composed = self._compose(units, keys, loader, stats, device, first_layer=first_layer,
+                                     extra=len(query))
+        if composed is None:
+            return KDNCache()
+        kv = composed.kv
+        composed.run(blend)
+        at = len(prompt)
+        if query and keep_query:
+            at += len(query) - 1
+            stats.tokens_computed += len(query) - 1
+        if at < kv.shape[3]:
+            kv = kv[:, :, :, :at]
+        return KDNCache(kv, torch.arange(at), ids[:at])
+
+    #: compose the prompt's KV layer by layer on a background thread (kdn_hf.delivery), so the decode and
+    #: re-rotation of later layers overlap the blending of earlier ones; False: whole chunks, in prompt order
+    layerwise: bool = True
+
+    def _compose(self, units, keys, loader: ChunkLoader, stats: PrepareStats, device,
+                 first_layer: int = 0, extra: int = 0) -> Composition | None:
+        """The prompt's KV [layers, 2, kv_heads, tokens, head_dim] as a Composition (``.kv``; ``.run(consume)``
+        fills it): each unit's KV (stored, or computed and stored) re-rotated to its prompt position and
+        written once into one buffer; None for no units.
+
+        With a loader that opens entries undecoded (``decode=False``): every unit's fetch is settled here
+        (hits counted, misses computed and stored on this thread), and ``run`` decodes and re-rotates layers
+        ``first_layer`` and up in the background (layers below are left unwritten: blending overwrites
+        them). A stored entry that fails while composing is recomputed (then counted as a miss, not a hit)
+        and the composition starts again. With a decoding loader: the whole-chunk path, complete on return.
+        """
+        if loader.decode:
+            out = self._compose_chunks(units, keys, loader, stats, device, extra)
+            return None if out is None else Composition(out)
+        if not units:
+            return None
+        dtype, num_layers = next(self.model.parameters()).dtype, self._num_layers()
+        placed: dict[str, tuple] = {}  # key -> (layers(start, stop), positions, stored)
+        hits: dict[str, tuple[str, int, int]] = {}  # key -> (tier, bytes, tokens) counted for its hit
+        unit_of: dict[str, tuple] = {}
+        sources: list[LayerSource] = []
+        geometry = None  # (kv_heads, head_dim) of the first unit; an entry disagreeing is unusable
+        at = 0
+        for (ids, context), key in zip(units, keys):
+            if key in placed:  # the same chunk again in this prompt
+                stats.tokens_reused += len(ids)
+            else:
+                unit_of[key] = (ids, context)
+                entry, tier = loader.get(key)
+                if entry is not None and (
+                    entry.token_ids.tolist() != list(ids) or entry.dtype != dtype or entry.num_layers != num_layers
+                    or (geometry is not None and (entry.shape[2], entry.shape[4]) != geometry)
+                ):
+                    log.warning("entry %s does not hold the ids/geometry its key promises; recomputing", key)
+                    self.store.note_corrupt(key)
+                    entry = None
+                if entry is not None:
+                    stats.hits[tier] = stats.hits.get(tier, 0) + 1
+                    stats.bytes_loaded += entry.nbytes
+                    stats.tokens_reused += entry.num_tokens
+                    hits[key] = (tier, entry.nbytes, entry.num_tokens)
+                    placed[key] = (entry.layers, entry.positions, True)
+                    shape = entry.shape
+                else:
+                    chunk = self._compute_and_store(ids, key, context)
+                    stats.misses += 1
+                    stats.tokens_computed += len(ids)
+                    placed[key] = (_layer_slicer(chunk.kv), chunk.positions, False)
+                    shape = tuple(chunk.kv.shape)
+                geometry = geometry or (shape[2], shape[4])
+            layers, positions, stored = placed[key]
+            sources.append(LayerSource(key, layers, positions, at, stored))
+            at += len(ids)
+
+        def replace(key: str):
+            """The stored chunk under ``key`` failed while composing: a miss after all (as KVStore.get makes
+            an entry that does not decode), so recompute it, store it, and count it as one."""
+            self.store.note_corrupt(key)
+            tier, nbytes, tokens = hits.pop(key)
+            stats.hits[tier] -= 1
+            if not stats.hits[tier]:
+                del stats.hits[tier]
+            stats.bytes_loaded -= nbytes
+            stats.tokens_reused -= tokens
+            ids, context = unit_of[key]
+            chunk = self._compute_and_store(ids, key, context)
+            stats.misses += 1
+            stats.tokens_computed += len(ids)
+            return _layer_slicer(chunk.kv), chunk.positions
+
+        out = torch.empty(num_layers, 2, geometry[0], at + extra, geometry[1], dtype=dtype, device=device)
+        return Composition(out, sources, self.rope_spec, first_layer, replace)
+
+    def _compose_chunks(self, units, keys, loader: ChunkLoader, stats: PrepareStats, device,
+                        extra: int = 0) -> torch.Tensor | None:
+        """The whole-chunk path of ``_compose`` (the loader decodes whole entries): the prompt's KV, complete,
+        each chunk re-rotated (all layers at once) into one buffer in prompt order; None for no units."""
         fetched: dict[str, ChunkKV] = {}
-        total = sum(len(ids) for ids, _ in units)
+        total = sum(len(ids) for ids, _ in units) + extra
         out: torch.Tensor | None = None
         at = 0
         for (ids, context), key in zip(units, keys):
@@ -361,7 +494,10 @@ class KDN:
         else:
             self._deferred = []
             try:
-                cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, ratio, selection)
+                # blend computes the question with the context (question-aware selection sees it);
+                # the cache then covers all of it but its last token
+                cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, ratio, selection,
+                                      query=prompt.chunk_ids[-1], keep_query=True)
             except BaseException:
                 self._flush_deferred()
                 raise

@@ -114,7 +114,9 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
             if m.mode == "full":
                 r = ref
             else:
-                cache = kdn.prepare(ctx, mode=m.mode, recompute_ratio=m.ratio, selection=m.selection)
+                # the question is known, as in generate: question-aware selections may use it
+                cache = kdn.prepare(ctx, mode=m.mode, recompute_ratio=m.ratio, selection=m.selection,
+                                    query=list(case.suffix))
                 r = score(model, tok, cache, case.suffix, cont, case.answers, ref_first=ref["first_logp"])
             for k in ("kl", "agree", "nll", "correct"):
                 acc[m.label][k].append(float(r[k]))
@@ -132,7 +134,7 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
 
 def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps: int = 3,
               timing_cases: int = 2, questions: int = 50, tf_tokens: int = 32, store_name: str = "memory",
-              log=print) -> list[dict]:
+              lead_in: str = "none", log=print) -> list[dict]:
     """Rows of results, one per (doc_tokens, method). See the module docstring."""
     rows = []
     for n_tok in doc_tokens:
@@ -152,7 +154,7 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
         for m in methods:
             t = times[m.label]
             row = {"workload": "rag", "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
-                   "store": store_name, "method": m.label, "mode": m.mode,
+                   "store": store_name, "lead_in": lead_in, "method": m.label, "mode": m.mode,
                    "ratio": m.ratio if m.mode == "blend" else 0.0,
                    "selection": m.selection if m.mode == "blend" else None,
                    "ttft_ms": t["ttft_s"] * 1000, "speedup": (base / t["ttft_s"]) if base else None,

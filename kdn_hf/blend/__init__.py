@@ -17,10 +17,11 @@ from kdn_hf.blend.selection import (
     get_selection,
 )
 
-# Chosen from `kdn bench` (rag, 4 docs x 512 tokens, ratio 0.15): "kdn" (sinks + K+V deviation)
-# and "cacheblend" tie on first-token KL (0.0555 vs 0.0559; 0.0495 vs 0.0489 at 256 tokens), and
-# cacheblend agrees slightly more often; the simpler strategy is the default until one wins clearly.
-DEFAULT_SELECTION = "cacheblend"
+# Chosen by first-token KL vs full prefill at ratio 0.15 (4 dev documents x 512 tokens, 7 questions,
+# scripts/compare_selection.py): question-aware "kdn" 0.019 (0.35x cacheblend's), question pass over
+# half the layers 0.023 (0.43x), every question token instead of the last 0.026 (0.49x); cacheblend
+# 0.054. Without the question (prepare() with no query) "kdn" ranks by deviation like cacheblend.
+DEFAULT_SELECTION = "kdn"
 
 __all__ = [
     "DEFAULT_SELECTION",

@@ -1,15 +1,23 @@
 """Selective recompute: fix the composed KV of a prompt by re-running a few tokens.
 
-Given the naively composed (re-rotated) KV of a context, ``recompute``:
+Given the naively composed (re-rotated) KV of a context (and optionally the
+question after it), ``recompute`` asks a
+:class:`~kdn_hf.blend.selection.Selection` which tokens to recompute, giving it
+what it asks for:
 
-1. runs layers ``< check_layer`` fresh for every token (layer 0 is cheap and,
-   run on everything, exact), writing their KV;
-2. at the check layer, runs only the K/V projections for every token (the
-   attention is cut off right after ``cache.update``), which gives each token's
-   exact K/V there and its deviation from the reused K/V;
-3. asks the :class:`~kdn_hf.blend.selection.Selection` for the tokens to keep
-   and pushes only those through the remaining layers, each attending to the
-   whole context (fresh rows where recomputed, reused rows elsewhere).
+- probing (CacheBlend): layers ``< check_layer`` run fresh for every token
+  (layer 0 is cheap and, run on everything, exact); at the check layer only
+  the K/V projections run for every token (the attention is cut off right
+  after ``cache.update``), which gives each token's deviation from its reused
+  K/V; the chosen tokens go on from the check layer;
+- question-aware: the question runs over the reused KV first, recording how
+  much it attends to each context token per layer; the chosen tokens run from
+  layer 0 (the re-rotated layer-0 KV is exact, as it depends on the token and
+  its position only).
+
+The chosen tokens (and the question) are pushed through the layers, each
+attending to the whole context (fresh rows where recomputed, reused rows
+elsewhere).
 
 It is a manual loop over the model's own decoder layers (stock modules, stock
 attention kernels), with three ingredients:
@@ -86,12 +94,71 @@ def causal_mask(rows: torch.Tensor, num_keys: int, dtype: torch.dtype, device) -
 
 @dataclass
 class RecomputeResult:
-    """selected: [n] int64 slots recomputed past the check layer (sorted).
-    dev_k, dev_v: [tokens] float32 check-layer deviations (what selection saw)."""
+    """selected: [n] int64 context slots recomputed (sorted; question rows excluded).
+    dev_k, dev_v: [context tokens] float32 check-layer deviations, or None (no probe).
+    query_attention: [layers, context tokens] float32 attention of the question per layer, or None."""
 
     selected: torch.Tensor
-    dev_k: torch.Tensor
-    dev_v: torch.Tensor
+    dev_k: torch.Tensor | None
+    dev_v: torch.Tensor | None
+    query_attention: torch.Tensor | None = None
+
+
+def query_attention(layer, hidden_q: torch.Tensor, q_pos: torch.Tensor, pos_emb, keys: torch.Tensor):
+    """How much each question row attends to each key at ``layer``: [q, tokens] float32 (rows sum
+    to 1, averaged over heads), or None when the layer's attention is not Llama-style (q_proj,
+    head_dim, the modeling module's ``apply_rotary_pos_emb``).
+
+    hidden_q: [1, q, hidden] input of ``layer`` for the question rows; q_pos: [q] their positions.
+    pos_emb:  (cos, sin) [1, tokens, head_dim] for every slot.
+    keys:     [kv_heads, tokens, head_dim] the layer's K, the question rows' own included.
+    Causal: a question row sees keys at positions <= its own.
+    """
+    import importlib
+
+    attn = layer.self_attn
+    try:
+        rotate = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+        head_dim = attn.head_dim
+        x = layer.input_layernorm(hidden_q)
+        q = attn.q_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)  # [1, heads, q, head_dim]
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+    except (AttributeError, RuntimeError):
+        return None
+    cos, sin = pos_emb
+    q, _ = rotate(q, q, cos[:, q_pos], sin[:, q_pos])
+    heads, kv_heads, n = q.shape[1], keys.shape[0], q.shape[2]
+    # grouped-query: heads h*g..h*g+g-1 share kv head h; no copy of K
+    qg = q[0].reshape(kv_heads, (heads // kv_heads) * n, head_dim).float()
+    scores = (qg @ keys.float().transpose(1, 2)) * (head_dim**-0.5)  # [kv_heads, g*q, tokens]
+    scores = scores.view(heads, n, -1)
+    later = torch.arange(keys.shape[1], device=keys.device)[None, :] > q_pos.to(keys.device)[:, None]
+    scores.masked_fill_(later[None], float("-inf"))
+    return scores.softmax(-1).mean(dim=0)
+
+
+def _question_pass(layers, hidden_q, q_rows, C, pos_emb, cache, kv, kv_name, own_causal, wait,
+                   depth: int, last_only: bool):
+    """Run the question rows through layers ``0..depth-1`` over the composed (reused) KV and return
+    how much they attend to each context token at each of those layers: [depth, q or 1, C] float32
+    on CPU (``last_only``: the last question row's attention only), or None when the attention is
+    not Llama-style. Writes the question rows' K/V (overwritten later by the recompute)."""
+    rs = _Rows(q_rows, kv.shape[3], pos_emb, kv.dtype, own_causal)
+    cache.measure = False
+    att = []
+    for i, layer in enumerate(layers[:depth]):
+        wait(i)
+        h_in = hidden_q
+        hidden_q = _run_layer(layer, hidden_q, rs, cache, kv_name)
+        if last_only:
+            a = query_attention(layer, h_in[:, -1:], q_rows[-1:], pos_emb, kv[i, 0])
+        else:
+            a = query_attention(layer, h_in, q_rows, pos_emb, kv[i, 0])
+        if a is None:
+            return None
+        att.append(a[:, :C])
+    return torch.stack(att).cpu()
 
 
 def _decoder(model):
@@ -142,56 +209,92 @@ def recompute(
     spans,
     ratio: float,
     selection: Selection,
+    wait_layer=None,
+    query_rows: int = 0,
 ) -> RecomputeResult:
-    """Recompute ``ratio`` of the tokens of the composed context ``kv``, in place.
+    """Recompute ``ratio`` of the context tokens of the composed ``kv``, in place.
 
     kv:        [layers, 2, kv_heads, tokens, head_dim] composed KV at positions 0..tokens-1,
                model dtype and device; overwritten with the blended KV.
-    token_ids: [tokens] int64 ids of the context.
+    token_ids: [tokens] int64 ids of every slot.
     spans:     (start, end) slots of each chunk.
-    ratio:     fraction of tokens pushed through the layers after the check layer, (0, 1].
+    ratio:     fraction of the context tokens recomputed through the layers, (0, 1].
+    wait_layer: optional callable(i) that returns once layer i of ``kv`` holds the composed
+               (reused) KV (idempotent); lets delivery fill later layers while earlier ones are
+               recomputed. ``Selection.fresh_layers`` tells which low layers are overwritten
+               without being read (the composer may skip them).
+    query_rows: the last ``query_rows`` slots are the question (suffix). It is computed through
+               every layer (its slots' prior content is never read) and is not counted in the
+               budget. A strategy with ``uses_query`` first runs it over the reused KV to see which
+               context tokens it attends to (``SelectionInput.query_attention``); those tokens are
+               then recomputed from layer 0, with no probe (layer-0 KV depends on the token and its
+               position only, so the re-rotated one is exact).
+
+    Two ways to select, by ``selection.probes(query_known)``:
+
+    - probe (CacheBlend): layers below ``check_layer`` run fresh for every token, the check layer
+      runs up to its K/V projections for every token (deviation of fresh vs reused K/V), and the
+      selected rows go on from the check layer;
+    - no probe (question-aware): selected rows and question rows run from layer 0.
     """
     base = _decoder(model)
     layers = base.layers[: kv.shape[0]]
     T = kv.shape[3]
     device = kv.device
-    check = selection.check_layer
-    if not 1 <= check < len(layers):
-        raise ConfigError(f"check_layer must lie in [1, {len(layers)}), got {check}")
     kv_name = cache_kwarg(layers[0])  # `cache` on transformers >= 5.24
     dtype = kv.dtype
     own_causal = getattr(model.config, "_attn_implementation", None) == "sdpa"
-    budget = min(T, max(1, round(ratio * T)))
+    if not 0 <= query_rows < T:
+        raise ConfigError(f"query_rows must lie in [0, {T}) for {T} slots, got {query_rows}")
+    C = T - query_rows  # context tokens: the ones selection chooses from
+    budget = min(C, max(1, round(ratio * C)))
+    wait = wait_layer if wait_layer is not None else (lambda i: None)
 
     ids = token_ids.to(device)
     all_rows = torch.arange(T, device=device)
     hidden = base.embed_tokens(ids[None])  # [1, T, hidden]
     pos_emb = base.rotary_emb(hidden, position_ids=all_rows[None])  # cos/sin [1, T, head_dim]
     cache = _ScatterCache(kv)
-    every = _Rows(all_rows, T, pos_emb, dtype, own_causal)
 
-    cache.measure = False
-    for i in range(check):  # every token, fresh: exact
-        hidden = _run_layer(layers[i], hidden, every, cache, kv_name)
-
-    cache.probe = cache.measure = True
-    try:
-        _run_layer(layers[check], hidden, every, cache, kv_name)
-    except _Probed:
-        pass
-    finally:
-        cache.probe = False
-    dev_k, dev_v = cache.dev_k.cpu(), cache.dev_v.cpu()
-    sel = selection.select(SelectionInput(dev_k, dev_v, tuple(tuple(s) for s in spans), budget))
-    if sel.numel() == 0:
-        return RecomputeResult(sel, dev_k, dev_v)
-    rs = _Rows(sel.to(device), T, pos_emb, dtype, own_causal)
+    q_att = None
+    if query_rows and selection.uses_query:
+        depth = selection.query_layers(len(layers))
+        q_att = _question_pass(layers, hidden[:, C:], all_rows[C:], C, pos_emb, cache, kv, kv_name,
+                               own_causal, wait, depth, selection.query_last_only)
+    dev_k = dev_v = None
+    start = 0
+    if selection.probes(q_att is not None):
+        start = check = selection.check_layer
+        if not 1 <= check < len(layers):
+            raise ConfigError(f"check_layer must lie in [1, {len(layers)}), got {check}")
+        every = _Rows(all_rows, T, pos_emb, dtype, own_causal)
+        cache.measure = False
+        for i in range(check):  # every token, fresh: exact
+            hidden = _run_layer(layers[i], hidden, every, cache, kv_name)
+        cache.probe = cache.measure = True
+        wait(check)
+        try:
+            _run_layer(layers[check], hidden, every, cache, kv_name)
+        except _Probed:
+            pass
+        finally:
+            cache.probe = False
+        dev_k, dev_v = cache.dev_k[:C].cpu(), cache.dev_v[:C].cpu()
+    sel = selection.select(SelectionInput(dev_k, dev_v, tuple(tuple(s) for s in spans), budget, q_att))
+    rows = torch.cat([sel.to(device), all_rows[C:]])
+    if rows.numel() == 0:
+        return RecomputeResult(sel, dev_k, dev_v, q_att)
+    rs = _Rows(rows, T, pos_emb, dtype, own_causal)
     hidden = hidden[:, rs.rows]
-    for i in range(check, len(layers)):
+    for i in range(start, len(layers)):
+        wait(i)
         cache.measure = i in selection.narrow_at
         hidden = _run_layer(layers[i], hidden, rs, cache, kv_name)
-        if cache.measure:
-            keep = selection.narrow(i, rs.rows.cpu(), cache.dev_k.cpu() + cache.dev_v.cpu()).to(device)
+        if cache.measure:  # narrow the context rows; question rows always go on
+            n_ctx = int((rs.rows < C).sum())
+            dev = (cache.dev_k + cache.dev_v)[:n_ctx].cpu()
+            keep = selection.narrow(i, rs.rows[:n_ctx].cpu(), dev).to(device)
+            keep = torch.cat([keep, torch.arange(n_ctx, rs.rows.numel(), device=device)])
             rs = _Rows(rs.rows[keep], T, pos_emb, dtype, own_causal)
             hidden = hidden[:, keep]
-    return RecomputeResult(sel, dev_k, dev_v)
+    return RecomputeResult(sel, dev_k, dev_v, q_att)

@@ -1,19 +1,25 @@
 """Which tokens to recompute: selection strategies behind one small interface.
 
-The recompute (``kdn_hf.blend.recompute``) runs the first layers fresh for
-every context token, measures at the *check layer* how far each token's fresh
-K/V lies from its reused K/V, and asks a :class:`Selection` which tokens go on
-through the remaining layers. Later layers may narrow the set again
-(``narrow``; a no-op unless a strategy wants it).
+The recompute (``kdn_hf.blend.recompute``) gives a :class:`Selection` what it
+asks for and pushes the tokens it picks through the layers again:
+
+- a probing strategy (``probes`` True) gets each token's deviation at the
+  *check layer* (fresh vs reused K/V, after running the layers below it fresh
+  for every token); its tokens go on from the check layer;
+- a question-aware strategy (``uses_query``) gets how much the question
+  attends to each context token at every layer (the question run over the
+  reused KV); its tokens run from layer 0.
+
+Later layers may narrow the set again (``narrow``; a no-op unless a strategy
+wants it).
 
 Strategies (``SELECTIONS`` maps names to classes):
 
 - ``cacheblend``: the paper's (arXiv 2405.16444): the ``budget`` tokens whose
   K deviates most at layer 1. The baseline.
-- ``kdn``: ours: each chunk's first ``sink_tokens`` tokens are always taken
-  (a chunk computed alone makes its first tokens attention sinks, and they
-  carry a large share of the deviation of everything after them), the rest of
-  the budget by K+V deviation at the check layer.
+- ``kdn``: ours: the tokens the question's last token attends to most,
+  averaged over layers (falls back to K+V deviation when the question is not
+  known).
 
 Every strategy is deterministic: ties are broken by position (stable sort).
 """
@@ -36,12 +42,16 @@ class SelectionInput:
                   check layer, summed over kv heads and head dims.
     spans:        (start, end) token slots of each chunk in the context, in order.
     budget:       how many tokens to select (0 < budget <= tokens).
+    query_attention: [layers, q, tokens] float32, how much each question token attends to each
+                  context token at each layer (over the reused KV, averaged over heads), or
+                  None when the question is not known or the strategy does not ask for it.
     """
 
     dev_k: torch.Tensor
     dev_v: torch.Tensor
     spans: tuple[tuple[int, int], ...]
     budget: int
+    query_attention: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -63,7 +73,24 @@ class Selection(ABC):
 
     name: str = ""
     check_layer: int = 1
+    uses_query: bool = False  # wants SelectionInput.query_attention (the recompute then computes it)
     narrow_at: tuple[int, ...] = ()  # layers after which ``narrow`` is asked
+
+    query_last_only: bool = False  # query_attention of the question's last token only ([layers, 1, tokens])
+
+    def query_layers(self, num_layers: int) -> int:
+        """How many layers (from 0) the question pass runs to collect ``query_attention``."""
+        return num_layers
+
+    def probes(self, query_known: bool) -> bool:
+        """Whether the recompute measures deviation at ``check_layer`` (running the layers below it
+        fresh for every token) before ``select``; False: selected rows run from layer 0."""
+        return True
+
+    def fresh_layers(self, query_known: bool) -> int:
+        """How many low layers the recompute overwrites for every token without reading them
+        (a composer may leave them unwritten)."""
+        return self.check_layer if self.probes(query_known) else 0
 
     @abstractmethod
     def select(self, inp: SelectionInput) -> torch.Tensor:
@@ -85,31 +112,62 @@ class CacheBlendSelection(Selection):
 
 
 class KDNSelection(Selection):
-    """Each chunk's first ``sink_tokens`` tokens, then the largest K+V deviation.
+    """Question-aware: the context tokens the question attends to most, recomputed from layer 0.
 
-    sink_tokens: leading tokens per chunk always recomputed (chunks that start the
-                 prompt are exact already and get none).
-    narrow_at:   layers after which the set shrinks to ``narrow_keep`` of itself by
-                 the deviation seen there (progressive narrowing); empty = off.
+    When the question is known (``KDN.generate``, or ``KDN.prepare(..., query=...)``), the
+    recompute first runs the question over the reused KV and records, at every layer, how
+    much each context token is attended to (``SelectionInput.query_attention``, [layers, tokens]).
+    The score of a token is that attention averaged over layers; ``query_tokens`` picks whose:
+
+    - ``"last"`` (default): the question's last token, the one that predicts the answer's first token;
+    - ``"mean"``: every question token alike.
+
+    No probe is needed: the selected tokens run from layer 0, whose reused KV is exact, so
+    the cost is the question pass instead of a fresh layer 0 (and the check-layer probe)
+    over every token. The idea: a token's stale KV only matters as much as the answer
+    attends to it, and that attention is sparse; numbers in ``kdn_hf/blend/__init__.py``.
+
+    Without the question (``KDN.prepare`` with no ``query``), it falls back to the
+    deviation ranking of ``cacheblend`` (K+V deviation at ``check_layer``), plus each chunk's
+    first ``sink_tokens`` tokens (0: none).
+
+    narrow_at / narrow_keep: optional progressive narrowing after the given layers (keep that
+    fraction of the context rows, by deviation there); empty = off.
     """
 
     name = "kdn"
+    uses_query = True
 
-    def __init__(self, sink_tokens: int = 4, narrow_at: tuple[int, ...] = (), narrow_keep: float = 0.7) -> None:
+    def __init__(self, query_tokens: str = "last", query_depth: float = 1.0, sink_tokens: int = 0,
+                 narrow_at: tuple[int, ...] = (), narrow_keep: float = 0.7) -> None:
+        if query_tokens not in ("last", "mean"):
+            raise ConfigError(f"query_tokens must be 'last' or 'mean', got {query_tokens!r}")
+        if not 0.0 < query_depth <= 1.0:
+            raise ConfigError(f"query_depth must lie in (0, 1], got {query_depth}")
+        self.query_depth = query_depth
+        self.query_last_only = query_tokens == "last"
         if sink_tokens < 0:
             raise ConfigError(f"sink_tokens must be >= 0, got {sink_tokens}")
         if not 0.0 < narrow_keep <= 1.0:
             raise ConfigError(f"narrow_keep must lie in (0, 1], got {narrow_keep}")
+        self.query_tokens = query_tokens
         self.sink_tokens = sink_tokens
         self.narrow_at = tuple(narrow_at)
         self.narrow_keep = narrow_keep
 
+    def probes(self, query_known: bool) -> bool:
+        return not query_known
+
+    def query_layers(self, num_layers: int) -> int:
+        return max(1, round(self.query_depth * num_layers))
+
     def select(self, inp: SelectionInput) -> torch.Tensor:
-        score = inp.dev_k + inp.dev_v
+        if inp.query_attention is not None:  # [layers, q, tokens]
+            att = inp.query_attention[:, -1] if self.query_tokens == "last" else inp.query_attention.mean(dim=1)
+            return _top(att.mean(dim=0), inp.budget)
+        score = (inp.dev_k + inp.dev_v).clone()
         sinks = [torch.arange(s, min(e, s + self.sink_tokens)) for s, e in inp.spans if s > 0]
-        forced = torch.cat(sinks) if sinks else torch.zeros(0, dtype=torch.long)
-        forced = forced[: inp.budget]
-        score = score.clone()
+        forced = torch.cat(sinks)[: inp.budget] if sinks else torch.zeros(0, dtype=torch.long)
         score[forced] = float("inf")
         return _top(score, inp.budget)
 

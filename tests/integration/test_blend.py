@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from kdn_hf import KDN
 from kdn_hf.bench import rag_cases
-from kdn_hf.blend import SELECTIONS, Selection, SelectionInput, recompute
+from kdn_hf.blend import SELECTIONS, Selection, SelectionInput, get_selection, recompute
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import stack_cache
 from kdn_hf.errors import ConfigError
@@ -120,7 +120,7 @@ def test_blend_after_miss_reorder_repeat_and_full_hit(kdn, smol, docs):
     ]
     for ctx in layouts:
         res = kdn.generate(ctx + [QUESTION], max_new_tokens=4)
-        cache = kdn.prepare(ctx)
+        cache = kdn.prepare(ctx, query=QUESTION)  # the same (question-aware) selection as generate's
         assert res.stats.tokens_recomputed == cache.stats.tokens_recomputed == round(0.15 * cache.get_seq_length())
         # through stock generate, the same tokens
         x = torch.tensor([res.prompt_ids])
@@ -141,3 +141,89 @@ def test_blend_has_lower_first_token_kl_than_reuse_on_the_dev_set(smol):
             values.append(F.kl_div(got, ref, log_target=True, reduction="sum").item())
     mean = {m: sum(v) / len(v) for m, v in kl.items()}
     assert mean["blend"] < mean["reuse"], mean
+
+
+def _kl(model, cache, suffix, ref):
+    got = F.log_softmax(_first_logits(model, cache, list(suffix)), -1)
+    return F.kl_div(got, ref, log_target=True, reduction="sum").item()
+
+
+def test_question_aware_selection_beats_cacheblend_on_the_dev_set(smol):
+    """kdn (question-aware) vs cacheblend at the same ratio: lower mean first-token KL vs full prefill."""
+    model, tok = smol
+    kdn = KDN(model, tok, store="memory://")
+    kl = {"kdn": [], "cacheblend": []}
+    for case in rag_cases(tok, k=3, doc_tokens=128, limit=6):
+        ctx = [list(c) for c in case.context]
+        ref = F.log_softmax(_first_logits(model, kdn.prepare(ctx, mode="full"), list(case.suffix)), -1)
+        for sel, values in kl.items():
+            cache = kdn.prepare(ctx, mode="blend", recompute_ratio=0.15, selection=sel, query=list(case.suffix))
+            values.append(_kl(model, cache, case.suffix, ref))
+    mean = {s: sum(v) / len(v) for s, v in kl.items()}
+    assert mean["kdn"] < mean["cacheblend"], mean
+
+
+def test_question_aware_blend_at_ratio_one_is_full_prefill_and_keeps_the_question(kdn, smol, docs):
+    """With the question known, every context token recomputed from layer 0 reproduces full prefill; generate
+    computes the question inside the blend and hands stock generate only its last token."""
+    model, tok = smol
+    ctx = _chunks(docs)
+    q = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    full = kdn.prepare(ctx, mode="full")
+    blended = kdn.prepare(ctx, mode="blend", recompute_ratio=1.0, selection="kdn", query=q)
+    assert blended.get_seq_length() == full.get_seq_length() == len(blended.token_ids)
+    assert (stack_cache(blended) - stack_cache(full)).abs().max().item() <= 1e-4
+    ref = kdn.generate(ctx + [QUESTION], max_new_tokens=8, mode="full")
+    got = kdn.generate(ctx + [QUESTION], max_new_tokens=8, mode="blend", recompute_ratio=1.0, selection="kdn")
+    assert got.token_ids == ref.token_ids
+    assert got.stats.tokens_computed == len(q)  # the question, once (len(q) - 1 in the blend, 1 in generate)
+    assert got.stats.tokens_recomputed == full.get_seq_length()
+
+
+def test_question_aware_selection_follows_the_question(kdn, smol, docs):
+    """Same context, different questions: different tokens recomputed; same question: the same ones."""
+    model, tok = smol
+    ctx = _chunks(docs)
+    kdn.ingest(ctx, progress=False)
+    q1 = "Question: Who began working on Python? Answer:"
+    q2 = "Question: Which countries does the Amazon flow through? Answer:"
+    sel = get_selection("kdn")
+    picked = {}
+    for name, q in (("a", q1), ("b", q1), ("c", q2)):
+        cache = kdn.prepare(ctx, mode="reuse")
+        kv = stack_cache(cache)
+        qids = tok(q, add_special_tokens=False)["input_ids"]
+        kv = torch.cat([kv, kv.new_zeros(*kv.shape[:3], len(qids), kv.shape[4])], 3)
+        ids = torch.cat([cache.token_ids, torch.tensor(qids)])
+        res = recompute(model, kv, ids, cache.chunk_spans, 0.3, sel, query_rows=len(qids))
+        assert res.dev_k is None and res.query_attention.shape == (len(model.model.layers), 1, len(cache.token_ids))
+        picked[name] = res.selected.tolist()
+    assert picked["a"] == picked["b"]
+    assert picked["a"] != picked["c"]
+    # the Python question looks at the Python document, the Amazon one at the Amazon document
+    py_span, amazon_span = cache.chunk_spans[4], cache.chunk_spans[1]
+    inside = lambda sel, span: sum(span[0] <= s < span[1] for s in sel)
+    assert inside(picked["a"], py_span) > inside(picked["c"], py_span)
+    assert inside(picked["c"], amazon_span) > inside(picked["a"], amazon_span)
+
+
+def test_lead_in_precompute_makes_the_chunk_after_it_exact(smol, docs, tmp_path):
+    """Chunks computed after BOS + the system prompt (KDN(lead_in=...)): a prompt [system, doc] composed
+    from stored KV is full prefill's KV; keys differ from BOS-only entries, and the system chunk itself is
+    computed after BOS only."""
+    model, tok = smol
+    system = "You are a helpful assistant.\n\n"
+    plain = KDN(model, tok, store=tmp_path / "s")
+    led = KDN(model, tok, store=tmp_path / "s", lead_in=system)
+    doc = docs[1] + "\n\n"
+    assert led.ingest([doc]) != plain.ingest([doc])
+    sys_ids = tok(system, add_special_tokens=False)["input_ids"]
+    assert led.context_of(sys_ids) == led.lead_in and led.context_of([1, 2]) == led.lead_in + tuple(sys_ids)
+    full = stack_cache(led.prepare([system, doc], mode="full"))
+    for k in (led, plain):
+        k.ingest([system, doc], progress=False)
+    got = led.prepare([system, doc], mode="reuse")
+    assert got.stats.misses == 0 and got.stats.tokens_computed == 0
+    assert (stack_cache(got) - full).abs().max().item() <= 1e-4
+    naive = stack_cache(plain.prepare([system, doc], mode="reuse"))
+    assert (naive - full).abs().max().item() > 1e-2  # without the lead-in the doc never saw the system prompt

@@ -60,3 +60,25 @@ def test_causal_mask_lets_a_row_see_only_keys_at_or_before_its_position():
     for r, pos in enumerate(rows.tolist()):
         assert allowed[r].tolist() == [k <= pos for k in range(9)]
     assert (mask[0, 0][~allowed] == torch.finfo(torch.float32).min).all()
+
+
+def test_kdn_selection_with_the_question_takes_what_its_last_token_attends_to():
+    layers, q, tokens = 4, 3, 10
+    att = torch.zeros(layers, q, tokens)
+    att[:, -1, 7] = 0.5   # the last question token looks at 7 and 2
+    att[:, -1, 2] = 0.3
+    att[:, 0, 5] = 0.9    # an earlier question token looks at 5
+    inp = SelectionInput(None, None, ((0, 10),), 2, att)
+    assert KDNSelection().select(inp).tolist() == [2, 7]
+    assert KDNSelection(query_tokens="mean").select(inp).tolist() == [5, 7]
+    sel = KDNSelection()
+    assert sel.uses_query and not sel.probes(True) and sel.probes(False)
+    assert sel.fresh_layers(True) == 0 and sel.fresh_layers(False) == sel.check_layer
+    assert KDNSelection(query_depth=0.5).query_layers(30) == 15
+
+
+def test_kdn_selection_rejects_bad_parameters_with_the_allowed_range():
+    with pytest.raises(ConfigError, match="query_tokens"):
+        KDNSelection(query_tokens="first")
+    with pytest.raises(ConfigError, match=r"query_depth must lie in \(0, 1\]"):
+        KDNSelection(query_depth=0)
