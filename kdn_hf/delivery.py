@@ -201,7 +201,7 @@ class LayerwiseComposer:
     def _run(self) -> None:
         layer, g = None, None
         try:
-            with torch.no_grad():
+            with torch.inference_mode():  # writes into buffers made in or out of inference mode
                 for layer in range(self.first_layer, self.num_layers):
                     for g in self._groups:
                         if self._stop:

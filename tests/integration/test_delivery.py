@@ -155,3 +155,13 @@ def test_error_that_is_no_entrys_fault_is_raised_not_hung(stored, docs, kw, monk
     monkeypatch.undo()
     ok = _prepare(stored, _layout(docs), True, None, **kw)  # the engine is still usable
     assert ok.get_seq_length() > 0
+
+
+def test_prepare_inside_inference_mode_and_outside(kdn, docs):
+    """The background composer writes into a buffer created inside or outside torch.inference_mode()."""
+    chunks = [d + "\n\n" for d in docs[:2]]
+    kdn.ingest(chunks, progress=False)
+    plain = kdn.prepare(chunks, mode="reuse")
+    with torch.inference_mode():
+        inside = kdn.prepare(chunks, mode="reuse")
+    assert torch.equal(inside.layers[3].keys, plain.layers[3].keys)
