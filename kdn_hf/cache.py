@@ -62,17 +62,22 @@ class KDNLayer(DynamicLayer):
     """
 
     def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                 positions: torch.Tensor | None = None, **kwargs) -> None:
+                 positions: torch.Tensor | None = None, spare: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.positions = torch.zeros(0, dtype=torch.long)
         #: set on layer 0 by KDNCache: detect a re-fed input by its layer-0 V when positions are not passed
         self.detect_refeed = False
+        #: (keys, values) [batch, kv_heads, capacity, head_dim] buffers that keys/values are the first slots
+        #: of: appended tokens are written into them in place (no copy of the whole cache per step)
+        self._spare: tuple[torch.Tensor, torch.Tensor] | None = None
         if keys is not None:
             if values is None or positions is None:
                 raise ValueError("KDNLayer needs keys, values and positions together")
             self.lazy_initialization(keys, values)
             self.keys, self.values = keys, values
             self.positions = positions.to(torch.long).cpu()
+            self._spare = spare
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -99,10 +104,31 @@ class KDNLayer(DynamicLayer):
             b = key_states.shape[0]
             self.keys = self.keys.expand(b, *self.keys.shape[1:]).contiguous()
             self.values = self.values.expand(b, *self.values.shape[1:]).contiguous()
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        if self._fits(key_states, value_states):
+            bk, bv = self._spare
+            bk[..., cached:cached + q, :].copy_(key_states)
+            bv[..., cached:cached + q, :].copy_(value_states)
+            self.keys, self.values = bk[..., :cached + q, :], bv[..., :cached + q, :]
+        else:
+            self._spare = None  # outgrown, reordered, expanded or cast: plain DynamicLayer growth from here
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, pos])
         return self.keys, self.values
+
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether the new rows go into the spare buffers: keys/values are still their first slots
+        (not replaced by a crop-and-copy, a beam reorder or a batch expand) and there is room."""
+        if self._spare is None:
+            return False
+        bk, bv = self._spare
+        n = self.keys.shape[-2] + key_states.shape[-2]
+        return (n <= bk.shape[-2] and self.keys.data_ptr() == bk.data_ptr() and self.values.data_ptr() == bv.data_ptr()
+                and self.keys.stride() == bk.stride() and self.values.stride() == bv.stride()
+                and key_states.shape[:2] == bk.shape[:2] and key_states.shape[-1] == bk.shape[-1]
+                and value_states.shape[:2] == bv.shape[:2] and value_states.shape[-1] == bv.shape[-1]
+                and key_states.dtype == bk.dtype and value_states.dtype == bv.dtype
+                and key_states.device == bk.device and value_states.device == bv.device)
 
     def _same_values(self, value_states: torch.Tensor) -> bool:
         fed, held = value_states[:1].float(), self.values[:1].float()
@@ -114,6 +140,7 @@ class KDNLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
+        self._spare = None
         self.positions = torch.zeros(0, dtype=torch.long)
 
 
@@ -126,17 +153,25 @@ class KDNCache(DynamicCache):
     chunk_spans: ``(start, end)`` token slots of each chunk, in prompt order.
     stats:       what preparing it cost (hits, misses, tokens computed), or None.
 
+    capacity:    optional [layers, 2, kv_heads, slots, head_dim] buffer that ``kv`` is the first
+                 ``tokens`` slots of (``kv = capacity[:, :, :, :tokens]``): tokens that generate appends
+                 are written into its spare slots in place, where a DynamicCache copies every layer's
+                 whole K/V per step; past its end (or after a beam reorder) the layers grow as usual.
+
     ``token_ids`` and ``chunk_spans`` describe the prepared prefix; tokens that
     generate appends later are in the layers (and their ``positions``) only.
     """
 
     def __init__(self, kv: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                  token_ids: torch.Tensor | None = None, chunk_spans: Sequence[tuple[int, int]] = (),
-                 stats: Any = None) -> None:
+                 stats: Any = None, capacity: torch.Tensor | None = None) -> None:
         super().__init__()
         self.layer_class_to_replicate = KDNLayer
         self.chunk_spans = [tuple(s) for s in chunk_spans]
         self.stats = stats
+        #: [vocab] float32 logits of the token after the cached ones, where preparing computed them
+        #: (KDN.generate's blend computes the whole question), else None
+        self.next_logits: torch.Tensor | None = None
         if kv is None:  # empty: layers are created by the first forward
             self.layers = []
             self.token_ids = torch.zeros(0, dtype=torch.long)
@@ -151,8 +186,18 @@ class KDNCache(DynamicCache):
                 f"kv holds {n} tokens but positions is {tuple(positions.shape)} and token_ids "
                 f"{tuple(token_ids.shape)}"
             )
+        if capacity is not None and (
+            capacity.dim() != 5 or capacity.shape[:3] != kv.shape[:3] or capacity.shape[4] != kv.shape[4]
+            or capacity.shape[3] < n or capacity.data_ptr() != kv.data_ptr() or capacity.stride() != kv.stride()
+        ):
+            raise ValueError(
+                f"capacity must be the buffer kv is the first slots of (kv = capacity[:, :, :, :{n}]); got kv "
+                f"{tuple(kv.shape)} and capacity {tuple(capacity.shape)} not sharing their first slots"
+            )
         self.layers = [
-            KDNLayer(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), positions) for i in range(kv.shape[0])
+            KDNLayer(kv[i, 0].unsqueeze(0), kv[i, 1].unsqueeze(0), positions,
+                     spare=None if capacity is None else (capacity[i, 0].unsqueeze(0), capacity[i, 1].unsqueeze(0)))
+            for i in range(kv.shape[0])
         ]
         self.layers[0].detect_refeed = True
         self.token_ids = token_ids.to(torch.long).cpu()

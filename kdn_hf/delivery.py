@@ -195,8 +195,8 @@ class LayerwiseComposer:
             if delta is None:
                 dst.copy_(kv)
             else:
-                dst[0] = rerotate_layer(kv[0], delta, self.spec, layer)
-                dst[1] = kv[1]
+                rerotate_layer(kv[0], delta, self.spec, layer, out=dst[0])
+                dst[1].copy_(kv[1])
 
     def _run(self) -> None:
         layer, g = None, None

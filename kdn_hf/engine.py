@@ -201,7 +201,7 @@ class KDN:
 
     # --------------------------------------------------------------- prepare
     def prepare(self, chunks: Sequence, *, mode: str = "blend", recompute_ratio: float = 0.15,
-                selection: str = DEFAULT_SELECTION, query=None) -> KDNCache:
+                selection: str = DEFAULT_SELECTION, query=None, reserve: int = 0) -> KDNCache:
         """A KDNCache holding the KV of ``chunks`` (all of them) composed at their prompt positions.
 
         Pass it to ``model.generate`` with prompt ids that extend ``cache.token_ids``
@@ -211,17 +211,21 @@ class KDN:
         ``query`` (text or ids): the question that will follow, if known. Question-aware
         selections (``"kdn"``) use it to choose what to recompute; the cache still covers
         ``chunks`` only. Without it they fall back to ranking by deviation.
+        ``reserve``: room for that many tokens appended later (question + generated tokens), written
+        into the cache in place rather than by copying every layer per step (``reuse``/``blend``).
         """
         ratio = _check_mode(mode, recompute_ratio, selection)
+        if not isinstance(reserve, int) or reserve < 0:
+            raise ConfigError(f"reserve must be a non-negative int (tokens to make room for), got {reserve!r}")
         parts = list(chunks) if query is None or isinstance(chunks, (str, bytes)) else [*chunks, query]
         prompt = build_prompt(self.tokenizer, parts, max_positions=self.max_positions)
         n = len(prompt.chunk_ids) - (query is not None)
         q = prompt.chunk_ids[-1] if query is not None else ()
-        return self._prepare(prompt, n, mode, ratio, selection, query=q)
+        return self._prepare(prompt, n, mode, ratio, selection, query=q, reserve=reserve)
 
     def _prepare(self, prompt: Prompt, n_chunks: int, mode: str, ratio: float,
                  selection: str = DEFAULT_SELECTION, query: Sequence[int] = (),
-                 keep_query: bool = False) -> KDNCache:
+                 keep_query: bool = False, reserve: int = 0, first_token: bool = False) -> KDNCache:
         t0 = time.perf_counter()
         sub = Prompt(prompt.lead_in, prompt.chunk_ids[:n_chunks])
         stats = PrepareStats(mode=mode, chunks=n_chunks, tokens_total=len(sub))
@@ -233,7 +237,8 @@ class KDN:
             # longrope switches every frequency once a sequence passes a length: check the whole prompt
             self.rope_spec.check_positions(len(prompt) - 1)
             cache = self._prepare_reuse(sub, stats, ratio if mode == "blend" else 0.0, selection,
-                                        query=query, keep_query=keep_query)
+                                        query=query, keep_query=keep_query, reserve=reserve,
+                                        first_token=first_token)
         if mode in ("full", "prefix"):
             cache.token_ids = torch.tensor(sub.prompt_ids, dtype=torch.long)
         cache.chunk_spans = sub.spans
@@ -273,13 +278,16 @@ class KDN:
 
     def _prepare_reuse(self, prompt: Prompt, stats: PrepareStats, ratio: float = 0.0,
                        selection: str = DEFAULT_SELECTION, query: Sequence[int] = (),
-                       keep_query: bool = False) -> KDNCache:
+                       keep_query: bool = False, reserve: int = 0, first_token: bool = False) -> KDNCache:
         """Compose (and, for ratio > 0, blend) the KV of ``prompt``.
 
         query: the question that follows the prompt (ids), or empty. When blending, it is computed
                with the context (its attention guides question-aware selections); with
                ``keep_query`` the cache then also covers all of it but its last token (stock generate
                feeds that one), else the cache covers the prompt only.
+        reserve: spare slots after the cached tokens, filled in place by what generate appends.
+        first_token: (blend with ``keep_query``) the cache covers the whole question, and the next
+               token's logits [vocab] (from the recompute's last row) are left in ``cache.next_logits``.
         """
         device = self.model.device
         units: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (ids, context they are computed after)
@@ -291,6 +299,7 @@ class KDN:
         ids = torch.tensor(list(prompt.prompt_ids) + list(query), dtype=torch.long)
         blend = None
         first_layer = 0
+        logits = []
         if ratio > 0:  # kv is a fresh buffer (never a stored entry): blend it in place
             from kdn_hf.blend import get_selection, recompute
 
@@ -298,26 +307,61 @@ class KDN:
             first_layer = sel.fresh_layers(bool(query))  # overwritten for every token: not composed
 
             def blend(kv, wait_layer):  # reads layer l of kv only after wait_layer(l)
-                res = recompute(self.model, kv, ids, prompt.spans, ratio, sel, wait_layer=wait_layer,
-                                query_rows=len(query))
+                res = recompute(self.model, kv[:, :, :, :len(ids)], ids, prompt.spans, ratio, sel,
+                                wait_layer=wait_layer, query_rows=len(query),
+                                last_hidden=first_token and keep_query and bool(query))
                 stats.tokens_recomputed = int(res.selected.numel())
+                logits[:] = [] if res.last_hidden is None else [self._lm_head(res.last_hidden)]
 
         # fetches start now, in the background; composing then runs layer by layer in the background
         # while the blend reads the layers already composed (kdn_hf.delivery)
         with start_loading(self.store, keys, self.fingerprint.digest, decode=not self.layerwise) as loader:
             composed = self._compose(units, keys, loader, stats, device, first_layer=first_layer,
-                                     extra=len(query))
+                                     extra=len(query) + reserve)
         if composed is None:
             return KDNCache()
         kv = composed.kv
         composed.run(blend)
         at = len(prompt)
         if query and keep_query:
-            at += len(query) - 1
-            stats.tokens_computed += len(query) - 1
-        if at < kv.shape[3]:
-            kv = kv[:, :, :, :at]
-        return KDNCache(kv, torch.arange(at), ids[:at])
+            n = len(query) if logits else len(query) - 1
+            at += n
+            stats.tokens_computed += n
+        cache = KDNCache(kv[:, :, :, :at], torch.arange(at), ids[:at], capacity=kv)
+        cache.next_logits = logits[0] if logits else None
+        return cache
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [vocab] float32 from the last layer's output [hidden] of one row
+        (the model's final norm, then its LM head)."""
+        base = self.model.get_decoder()
+        with torch.inference_mode():
+            return self.model.get_output_embeddings()(base.norm(hidden[None, None]))[0, 0].float()
+
+    #: CausalLM classes whose logits are exactly lm_head(norm(last hidden)) (no soft-capping or scaling)
+    _PLAIN_HEAD = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+    #: generation settings that change which token greedy decoding picks first (any non-default one
+    #: sends generate down the stock path)
+    _FIRST_TOKEN_SETTINGS = (
+        "num_beams", "num_return_sequences", "num_beam_groups", "diversity_penalty", "repetition_penalty",
+        "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+        "force_words_ids", "constraints", "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id",
+        "forced_eos_token_id", "min_length", "min_new_tokens", "sequence_bias", "guidance_scale",
+        "exponential_decay_length_penalty", "watermarking_config", "stop_strings",
+    )
+
+    def _greedy_first_token(self, mode: str, user_kwargs: dict) -> bool:
+        """Whether generate may take its first token from the blend's last row: plain greedy decoding
+        (no user generation arguments, default settings) on a model whose logits are the LM head of the
+        final norm. Otherwise stock generate computes the question's last token and picks the token."""
+        if mode != "blend" or user_kwargs or type(self.model).__name__ not in self._PLAIN_HEAD:
+            return False
+        from transformers import GenerationConfig
+
+        cfg, default = self.model.generation_config, GenerationConfig()
+        if getattr(cfg, "do_sample", False):
+            return False
+        return all(getattr(cfg, f, None) == getattr(default, f, None) for f in self._FIRST_TOKEN_SETTINGS)
 
     #: compose the prompt's KV layer by layer on a background thread (kdn_hf.delivery), so the decode and
     #: re-rotation of later layers overlap the blending of earlier ones; False: whole chunks, in prompt order
@@ -480,7 +524,10 @@ class KDN:
     ) -> GenerateResult:
         """Answer the prompt made of ``chunks``; the last chunk (the question) is prefilled fresh.
 
-        Extra keyword arguments go to ``model.generate`` (greedy by default).
+        Extra keyword arguments go to ``model.generate`` (greedy by default). In ``blend`` mode with
+        plain greedy decoding (no extra arguments), the question is computed inside the blend and the
+        first token is taken from its last row (``stats.first_token == "blend"``); stock generate then
+        continues from it. Otherwise stock generate feeds the question's last token and picks every token.
         """
         t0 = time.perf_counter()
         ratio = _check_mode(mode, recompute_ratio, selection)
@@ -488,16 +535,18 @@ class KDN:
             raise ConfigError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         prompt = build_prompt(self.tokenizer, chunks, max_positions=self.max_positions, reserve=max_new_tokens)
         ids = prompt.prompt_ids
+        first_token = self._greedy_first_token(mode, generate_kwargs)
         if mode == "full":
             cache = None
             stats = GenerateStats(mode=mode, chunks=len(prompt.chunk_ids), tokens_total=len(ids))
         else:
             self._deferred = []
             try:
-                # blend computes the question with the context (question-aware selection sees it);
-                # the cache then covers all of it but its last token
+                # blend computes the question with the context (question-aware selection sees it); the
+                # cache then covers all of it (first token taken from the blend) or all but its last token
                 cache = self._prepare(prompt, len(prompt.chunk_ids) - 1, mode, ratio, selection,
-                                      query=prompt.chunk_ids[-1], keep_query=True)
+                                      query=prompt.chunk_ids[-1], keep_query=True,
+                                      reserve=max_new_tokens + len(prompt.chunk_ids[-1]), first_token=first_token)
             except BaseException:
                 self._flush_deferred()
                 raise
@@ -510,21 +559,38 @@ class KDN:
         if self.tokenizer.pad_token_id is not None:
             kwargs["pad_token_id"] = self.tokenizer.pad_token_id
         kwargs.update(generate_kwargs)
+        new: list[int] = []
+        first_at = None
+        if cache is not None and getattr(cache, "next_logits", None) is not None:
+            # the blend computed the whole question: its last row's logits give the first token
+            new.append(int(cache.next_logits.argmax()))
+            first_at = time.perf_counter()
+            stats.first_token = "blend"
+            eos = self.model.generation_config.eos_token_id
+            eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+            if max_new_tokens == 1 or new[0] in eos:
+                kwargs = None  # done: generate would feed nothing new
+            else:
+                kwargs["max_new_tokens"] = max_new_tokens - 1
         clock = None
-        if kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs:
+        if kwargs is not None and first_at is None and kwargs.get("num_beams", 1) == 1 and "streamer" not in kwargs:
             clock = kwargs["streamer"] = _FirstTokenClock()
-        if cache is not None:
+        if cache is not None and kwargs is not None:
             kwargs[cache_kwarg(self.model)] = cache
-        input_ids = torch.tensor([ids], device=self.model.device)
+        fed = ids + new
+        input_ids = torch.tensor([fed], device=self.model.device)
         try:
-            with torch.inference_mode():
-                out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            if kwargs is not None:
+                with torch.inference_mode():
+                    out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+                new += out[0, len(fed):].tolist()
             end = time.perf_counter()
         finally:
             self._flush_deferred()  # chunks computed for this request are stored after it answered
-        new = out[0, len(ids):].tolist()
         stats.tokens_generated = len(new)
         stats.total_s = end - t0
-        stats.ttft_s = (clock.first_token_at - t0) if clock and clock.first_token_at else stats.total_s
+        if first_at is None and clock is not None:
+            first_at = clock.first_token_at
+        stats.ttft_s = (first_at - t0) if first_at else stats.total_s
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         return GenerateResult(text=text, token_ids=new, prompt_ids=ids, stats=stats)

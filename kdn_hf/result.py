@@ -35,12 +35,15 @@ class PrepareStats:
 @dataclass
 class GenerateStats(PrepareStats):
     """PrepareStats plus the request's timings. ttft_s runs from the call to the
-    first generated token (store lookups, compose and prefill included)."""
+    first generated token (store lookups, compose and prefill included).
+    first_token: what picked the first token: ``"generate"`` (stock generate) or ``"blend"``
+    (greedy argmax of the blend's last row, which computed the whole question)."""
 
     tokens_generated: int = 0
     ttft_s: float = 0.0
     total_s: float = 0.0
     recompute_ratio: float = 0.0
+    first_token: str = "generate"
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -206,10 +206,27 @@ def _cos_sin(delta: torch.Tensor | int, inv_freq: torch.Tensor, device: torch.de
     return ang.cos().to(device, dtype), ang.sin().to(device, dtype)
 
 
-def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int) -> torch.Tensor:
-    """Rotate k [..., tokens, head_dim] by angles whose cos/sin are [n] or [tokens, n]."""
-    kc = k.to(cos.dtype)
+def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate k [..., tokens, head_dim] by angles whose cos/sin are [n] or [tokens, n].
+
+    out: optional tensor of k's shape and dtype to write the result into (returned). For the common
+    case (half layout, whole head rotated, k already in the compute dtype) it is written in place
+    with one temporary, the same operations in the same order as the allocating path (bit-identical).
+    """
     n = rotary_dim // 2
+    if (out is not None and layout == "half" and rotary_dim == k.shape[-1] and k.dtype == cos.dtype
+            and out.dtype == k.dtype and out.shape == k.shape):
+        x1, x2 = k[..., :n], k[..., n:]
+        o1, o2 = out[..., :n], out[..., n:]
+        tmp = x2 * sin
+        torch.mul(x1, cos, out=o1)
+        o1.sub_(tmp)  # x1 * cos - x2 * sin
+        torch.mul(x1, sin, out=tmp)
+        torch.mul(x2, cos, out=o2)
+        o2.add_(tmp)  # x2 * cos + x1 * sin
+        return out
+    kc = k.to(cos.dtype)
     if layout == "half":
         x1, x2 = kc[..., :n], kc[..., n:rotary_dim]
         rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -219,6 +236,8 @@ def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, 
         rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
     if rotary_dim < k.shape[-1]:
         rot = torch.cat((rot, kc[..., rotary_dim:]), dim=-1)
+    if out is not None:
+        return out.copy_(rot)
     return rot.to(k.dtype)
 
 
@@ -230,12 +249,15 @@ def _as_positions(pos: torch.Tensor, name: str, tokens: int) -> torch.Tensor:
     return pos.to(torch.int64)
 
 
-def rerotate_layer(k: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec, layer_idx: int) -> torch.Tensor:
+def rerotate_layer(k: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec, layer_idx: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Move one layer's K by ``delta`` positions.
 
     k:     [..., tokens, head_dim] post-RoPE K of model layer ``layer_idx``, any float dtype/device.
     delta: an int (every token moves the same) or a [tokens] int64 tensor (new - old position).
-    Returns a new tensor, same shape and dtype. Does not check ``spec.max_position``:
+    out:   optional tensor of k's shape and dtype (on k's device) written with the result, e.g. the
+           slot of a prompt buffer; must not overlap k.
+    Returns a new tensor (or ``out``), same shape and dtype. Does not check ``spec.max_position``:
     the caller knows the prompt length and calls ``spec.check_positions``.
     """
     if k.shape[-1] != spec.head_dim or k.dim() < 2:
@@ -248,11 +270,13 @@ def rerotate_layer(k: torch.Tensor, delta: int | torch.Tensor, spec: RopeSpec, l
         delta = _as_positions(delta, "delta", k.shape[-2])
     else:
         delta = operator.index(delta)
+    if out is not None and (out.shape != k.shape or out.dtype != k.dtype):
+        raise InputError(f"out must match k: {tuple(k.shape)} {k.dtype}, got {tuple(out.shape)} {out.dtype}")
     w = spec.inv_freq(layer_idx)
     if w is None or (isinstance(delta, int) and delta == 0):
-        return k.clone()
+        return k.clone() if out is None else out.copy_(k)
     cos, sin = _cos_sin(delta, w, k.device, _compute_dtype(k.dtype))
-    return _rotate(k, cos, sin, spec.layout, spec.rotary_dim)
+    return _rotate(k, cos, sin, spec.layout, spec.rotary_dim, out=out)
 
 
 def rerotate(

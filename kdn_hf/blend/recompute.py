@@ -41,6 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kdn_hf.blend.selection import Selection, SelectionInput
 from kdn_hf.compat import cache_kwarg
@@ -96,12 +97,14 @@ def causal_mask(rows: torch.Tensor, num_keys: int, dtype: torch.dtype, device) -
 class RecomputeResult:
     """selected: [n] int64 context slots recomputed (sorted; question rows excluded).
     dev_k, dev_v: [context tokens] float32 check-layer deviations, or None (no probe).
-    query_attention: [layers, context tokens] float32 attention of the question per layer, or None."""
+    query_attention: [layers, context tokens] float32 attention of the question per layer, or None.
+    last_hidden: [hidden] output of the last layer for the last slot (asked with ``last_hidden``), or None."""
 
     selected: torch.Tensor
     dev_k: torch.Tensor | None
     dev_v: torch.Tensor | None
     query_attention: torch.Tensor | None = None
+    last_hidden: torch.Tensor | None = None
 
 
 def query_attention(layer, hidden_q: torch.Tensor, q_pos: torch.Tensor, pos_emb, keys: torch.Tensor):
@@ -150,7 +153,8 @@ def _question_pass(layers, hidden_q, q_rows, C, pos_emb, cache, kv, kv_name, own
     for i, layer in enumerate(layers[:depth]):
         wait(i)
         h_in = hidden_q
-        hidden_q = _run_layer(layer, hidden_q, rs, cache, kv_name)
+        # the last layer's output is never used: stop it once the rows' K/V are written
+        hidden_q = _run_layer(layer, hidden_q, rs, cache, kv_name, kv_only=i == depth - 1, grouped=True)
         if last_only:
             a = query_attention(layer, h_in[:, -1:], q_rows[-1:], pos_emb, kv[i, 0])
         else:
@@ -172,12 +176,24 @@ def _decoder(model):
     return base
 
 
+#: rows per causal group at least (fewer groups below that: each group is one more attention call)
+GROUP_ROWS = 32
+#: causal groups at most
+MAX_GROUPS = 8
+
+
 class _Rows:
     """A set of query rows with what every layer needs for them, built once.
 
     mask is None when the rows are every slot 0..T-1 and the attention is SDPA: its own
     causal path (``is_causal``, top-left aligned, exact for that case) is faster. Eager
     attention applies no causality without a mask, so it always gets one.
+
+    groups: the rows (sorted by position) cut into runs of about equal size, each with the
+    number of keys it can see (its last row's position + 1): ``(start, end, keys)``; their
+    causal masks over those keys only come from ``groups_for``. Attending group by group skips
+    keys that the mask would hide anyway (on average half the context for rows spread over it);
+    the result is the same, as masked keys get zero weight. None where the rows are not sorted.
     """
 
     def __init__(self, rows: torch.Tensor, num_keys: int, pos_emb, dtype, own_causal: bool) -> None:
@@ -186,18 +202,115 @@ class _Rows:
         self.mask = None if every and own_causal else causal_mask(rows, num_keys, dtype, rows.device)
         cos, sin = pos_emb
         self.pos_emb = pos_emb if every else (cos[:, rows], sin[:, rows])
+        self._dtype = dtype
+        self._groups = False  # not built yet
+        self._masks: dict[int, list] = {}
+
+    @property
+    def groups(self):
+        """``[(start, end, keys)]`` or None (see the class docstring)."""
+        if self._groups is False:
+            rows, n = self.rows, self.rows.numel()
+            if n == 0 or (n > 1 and not bool((rows[1:] > rows[:-1]).all())):
+                self._groups = None
+            else:
+                k = max(1, min(MAX_GROUPS, n // GROUP_ROWS))
+                bounds = [(j * n // k, (j + 1) * n // k) for j in range(k)]
+                self._groups = [(a, b, int(rows[b - 1]) + 1) for a, b in bounds]
+        return self._groups
+
+    def groups_for(self, fold: int):
+        """``groups`` with each group's mask [1, 1, fold * rows, keys] for query heads folded into
+        the rows ``fold`` at a time (grouped-query attention), built once per ``fold``."""
+        if fold not in self._masks:
+            self._masks[fold] = [
+                (a, b, m, causal_mask(self.rows[a:b], m, self._dtype, self.rows.device).repeat(1, 1, fold, 1))
+                for a, b, m in self.groups
+            ]
+        return self._masks[fold]
 
 
-def _run_layer(layer, hidden, rs: _Rows, cache, kv_name):
+#: decoder layers whose forward is exactly ``_grouped_layer``'s (pre-norm attention + MLP, RoPE on
+#: Q/K, optional per-head q_norm/k_norm): they attend group by group
+_GROUPED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def groupable(layer) -> bool:
+    """Whether ``layer`` can run through ``_grouped_layer`` (a known Llama-style layer with full
+    causal attention: no sliding window)."""
+    attn = getattr(layer, "self_attn", None)
+    if type(layer).__name__ not in _GROUPED_LAYERS or attn is None:
+        return False
+    # Qwen2/3 set it per layer; Mistral reads its config's
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+    return (window is None
+            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
+            and all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")))
+
+
+def _grouped_layer(layer, hidden, rs: _Rows, cache, kv_only: bool = False):
+    """The forward of a Llama-style decoder layer on the rows ``rs``, attending one causal group of
+    rows at a time over the keys that group can see (``_Rows.groups``), with the model's own
+    attention function. Same result as the stock forward with the full mask.
+
+    hidden: [1, rows, hidden]; returns [1, rows, hidden], or None with ``kv_only``.
+    """
+    import importlib
+
+    attn = layer.self_attn
+    mod = importlib.import_module(type(attn).__module__)
+    n = hidden.shape[1]
+    x = layer.input_layernorm(hidden)
+    shape = (1, n, -1, attn.head_dim)
+    q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
+    if getattr(attn, "q_norm", None) is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, heads, n, head_dim]
+    cos, sin = rs.pos_emb
+    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
     cache.rows = rs.rows
-    out = layer(
-        hidden,
-        attention_mask=rs.mask,
-        position_ids=rs.rows[None],
-        position_embeddings=rs.pos_emb,
-        use_cache=True,
-        **{kv_name: cache},
-    )
+    cache.probe = kv_only
+    try:
+        keys, values = cache.update(k, v, attn.layer_idx)  # [1, kv_heads, tokens, head_dim]
+    except _Probed:
+        return None
+    finally:
+        cache.probe = False
+    heads, kv_heads, d = q.shape[1], keys.shape[1], q.shape[3]
+    g = heads // kv_heads
+    out = []
+    for a, b, m, mask in rs.groups_for(g):
+        # grouped-query: heads h*g..h*g+g-1 share kv head h, so fold them into the rows (no copy of K/V)
+        qg = q[0, :, a:b].reshape(1, kv_heads, g * (b - a), d)
+        o = F.scaled_dot_product_attention(qg, keys[:, :, :m], values[:, :, :m], attn_mask=mask,
+                                           scale=attn.scaling)  # [1, kv_heads, g * rows, head_dim]
+        out.append(o.view(heads, b - a, d).transpose(0, 1))  # [rows of the group, heads, head_dim]
+    o = torch.cat(out, dim=0).reshape(1, n, heads * d)
+    hidden = hidden + attn.o_proj(o)
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _run_layer(layer, hidden, rs: _Rows, cache, kv_name, kv_only: bool = False, grouped: bool = False):
+    """``layer`` on the rows ``rs`` (their K/V scattered into ``cache``); its output hidden states
+    [1, rows, hidden], or None with ``kv_only`` (stopped once the K/V are written). ``grouped``:
+    attend by causal groups (``_grouped_layer``) where the layer and the rows allow it."""
+    if grouped and rs.groups is not None and groupable(layer):
+        return _grouped_layer(layer, hidden, rs, cache, kv_only)
+    cache.rows = rs.rows
+    cache.probe = kv_only
+    try:
+        out = layer(
+            hidden,
+            attention_mask=rs.mask,
+            position_ids=rs.rows[None],
+            position_embeddings=rs.pos_emb,
+            use_cache=True,
+            **{kv_name: cache},
+        )
+    except _Probed:
+        return None
+    finally:
+        cache.probe = False
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -211,6 +324,7 @@ def recompute(
     selection: Selection,
     wait_layer=None,
     query_rows: int = 0,
+    last_hidden: bool = False,
 ) -> RecomputeResult:
     """Recompute ``ratio`` of the context tokens of the composed ``kv``, in place.
 
@@ -229,6 +343,8 @@ def recompute(
                context tokens it attends to (``SelectionInput.query_attention``); those tokens are
                then recomputed from layer 0, with no probe (layer-0 KV depends on the token and its
                position only, so the re-rotated one is exact).
+    last_hidden: also return the last layer's output for the last slot (a question row: needs
+               ``query_rows`` > 0): the final norm and LM head of the model give the next token's logits.
 
     Two ways to select, by ``selection.probes(query_known)``:
 
@@ -246,6 +362,8 @@ def recompute(
     own_causal = getattr(model.config, "_attn_implementation", None) == "sdpa"
     if not 0 <= query_rows < T:
         raise ConfigError(f"query_rows must lie in [0, {T}) for {T} slots, got {query_rows}")
+    if last_hidden and not query_rows:
+        raise ConfigError("last_hidden needs query_rows > 0 (the last slot must be a question row)")
     C = T - query_rows  # context tokens: the ones selection chooses from
     budget = min(C, max(1, round(ratio * C)))
     wait = wait_layer if wait_layer is not None else (lambda i: None)
@@ -271,14 +389,9 @@ def recompute(
         cache.measure = False
         for i in range(check):  # every token, fresh: exact
             hidden = _run_layer(layers[i], hidden, every, cache, kv_name)
-        cache.probe = cache.measure = True
+        cache.measure = True
         wait(check)
-        try:
-            _run_layer(layers[check], hidden, every, cache, kv_name)
-        except _Probed:
-            pass
-        finally:
-            cache.probe = False
+        _run_layer(layers[check], hidden, every, cache, kv_name, kv_only=True)
         dev_k, dev_v = cache.dev_k[:C].cpu(), cache.dev_v[:C].cpu()
     sel = selection.select(SelectionInput(dev_k, dev_v, tuple(tuple(s) for s in spans), budget, q_att))
     rows = torch.cat([sel.to(device), all_rows[C:]])
@@ -286,10 +399,17 @@ def recompute(
         return RecomputeResult(sel, dev_k, dev_v, q_att)
     rs = _Rows(rows, T, pos_emb, dtype, own_causal)
     hidden = hidden[:, rs.rows]
+    last = len(layers) - 1
     for i in range(start, len(layers)):
         wait(i)
-        cache.measure = i in selection.narrow_at
-        hidden = _run_layer(layers[i], hidden, rs, cache, kv_name)
+        cache.measure = i in selection.narrow_at and i < last
+        # the last layer's output is never used (the KV is the product): stop once its K/V are written
+        h_in = hidden
+        hidden = _run_layer(layers[i], hidden, rs, cache, kv_name, kv_only=i == last, grouped=True)
+        if i == last and last_hidden:  # the full layer for the last row only (its K/V rewritten, the same)
+            cache.measure = False
+            one = _Rows(rs.rows[-1:], T, pos_emb, dtype, own_causal)
+            out_last = _run_layer(layers[i], h_in[:, -1:], one, cache, kv_name, grouped=True)[0, -1]
         if cache.measure:  # narrow the context rows; question rows always go on
             n_ctx = int((rs.rows < C).sum())
             dev = (cache.dev_k + cache.dev_v)[:n_ctx].cpu()
@@ -297,4 +417,4 @@ def recompute(
             keep = torch.cat([keep, torch.arange(n_ctx, rs.rows.numel(), device=device)])
             rs = _Rows(rs.rows[keep], T, pos_emb, dtype, own_causal)
             hidden = hidden[:, keep]
-    return RecomputeResult(sel, dev_k, dev_v, q_att)
+    return RecomputeResult(sel, dev_k, dev_v, q_att, out_last if last_hidden else None)

@@ -74,6 +74,35 @@ def test_recomputing_any_subset_of_an_exact_cache_leaves_it_unchanged(kdn, smol,
         model.config._attn_implementation = old
 
 
+@pytest.mark.parametrize("group_rows", [4, 1000])
+def test_causal_groups_attend_like_one_masked_call(kdn, smol, docs, group_rows, monkeypatch):
+    """The recompute attends group by group over the keys each group can see (``_Rows.groups``);
+    with many groups or one, recomputing an exact cache leaves it unchanged, and later garbage never
+    reaches earlier rows."""
+    import importlib
+
+    rc = importlib.import_module("kdn_hf.blend.recompute")
+    model, _ = smol
+    assert all(rc.groupable(layer) for layer in model.model.layers)  # SmolLM2 takes the grouped path
+    monkeypatch.setattr(rc, "GROUP_ROWS", group_rows)
+    exact_cache = kdn.prepare(_chunks(docs), mode="full")
+    exact = stack_cache(exact_cache)
+    T = exact.shape[3]
+    slots = list(range(1, T, 3))
+    rows = rc._Rows(torch.tensor(slots), T, (torch.zeros(1, T, 64), torch.zeros(1, T, 64)), torch.float32, True)
+    assert len(rows.groups) == (rc.MAX_GROUPS if group_rows == 4 else 1)
+    assert rows.groups[-1][2] == slots[-1] + 1 and rows.groups[0][2] < T  # each group sees up to its last row
+    kv = exact.clone()
+    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, FixedSelection(slots))
+    assert (kv - exact).abs().max().item() <= 1e-4
+    i = T // 2
+    kv = exact.clone()
+    kv[2:, :, :, i + 1:] = torch.randn_like(kv[2:, :, :, i + 1:]) * 10
+    early = [s for s in slots if s <= i]
+    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, FixedSelection(early))
+    assert (kv[:, :, :, : i + 1] - exact[:, :, :, : i + 1]).abs().max().item() <= 1e-4
+
+
 def test_mask_keeps_later_positions_out_of_recomputed_tokens(kdn, smol, docs):
     """Garbage KV after slot i (past the check layer) must not reach tokens recomputed at <= i."""
     model, _ = smol

@@ -142,10 +142,10 @@ def test_error_that_is_no_entrys_fault_is_raised_not_hung(stored, docs, kw, monk
 
     real = delivery.rerotate_layer
 
-    def broken(k, delta, spec, layer):
+    def broken(k, delta, spec, layer, out=None):
         if layer >= 5:
             raise RuntimeError("injected re-rotation failure")
-        return real(k, delta, spec, layer)
+        return real(k, delta, spec, layer, out=out)
 
     monkeypatch.setattr(delivery, "rerotate_layer", broken)
     with pytest.raises(ComposeError, match="layer 5") as info:

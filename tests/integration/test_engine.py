@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kdn_hf import KDN, KDNCache
-from kdn_hf.errors import KDNCacheError
+from kdn_hf.errors import ConfigError, KDNCacheError
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
 from kdn_hf.rope import rerotate
@@ -114,14 +114,15 @@ def test_cache_covering_every_input_token_is_refused_clearly(kdn, smol, docs):
     assert cache.positions.tolist() == list(range(cache.get_seq_length()))
 
 
-def test_num_return_sequences_and_beams_with_prepared_cache(kdn, smol, docs):
+@pytest.mark.parametrize("reserve", [0, 8])
+def test_num_return_sequences_and_beams_with_prepared_cache(kdn, smol, docs, reserve):
     model, _ = smol
     chunks = [docs[1] + "\n\n", "Question: What did Marie Curie research? Answer:"]
     res = kdn.generate(chunks, max_new_tokens=5, mode="reuse")
     x = torch.tensor([res.prompt_ids])
     for extra in ({"num_return_sequences": 2, "do_sample": True, "top_k": 1},
                   {"num_beams": 2, "num_return_sequences": 2, "do_sample": False}):
-        cache = kdn.prepare(chunks[:-1], mode="reuse")
+        cache = kdn.prepare(chunks[:-1], mode="reuse", reserve=reserve)
         out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=5, pad_token_id=2,
                              **{cache_kwarg(model): cache}, **extra)
         assert out.shape[0] == 2
@@ -153,3 +154,64 @@ def test_corrupted_disk_entry_is_recomputed(kdn, docs):
     assert kdn.store.stats()["disk"].corrupt == 1
     third = kdn.generate(chunks, max_new_tokens=8, mode="reuse")  # recomputed entry was stored back
     assert third.stats.hit_count == 2 + _lead(kdn) and third.token_ids == cold.token_ids
+
+
+@pytest.mark.parametrize("mode", ["reuse", "blend"])
+def test_reserved_cache_grows_in_place_and_equals_copying_growth(kdn, smol, docs, mode):
+    """With ``reserve``, generate writes new tokens into the prepared buffer (no per-step copy of every
+    layer); tokens and KV equal those of the copying growth, and past the reserve it grows as usual."""
+    model, tok = smol
+    ctx = [d + "\n\n" for d in docs[:3]]
+    q = tok("Question: Where does the Amazon flow? Answer:", add_special_tokens=False)["input_ids"]
+    kdn.ingest(ctx, progress=False)
+    runs = {}
+    for reserve in (0, 3, len(q) + 12):
+        cache = kdn.prepare(ctx, mode=mode, reserve=reserve)
+        n0, ptr = cache.get_seq_length(), cache.layers[5].keys.data_ptr()
+        x = torch.tensor([cache.token_ids.tolist() + q])
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False,
+                                 pad_token_id=2, **{cache_kwarg(model): cache})
+        grown, new = cache.get_seq_length(), out.shape[1] - x.shape[1]
+        assert grown == n0 + len(q) + new - 1  # the last generated token is never fed back
+        in_place = cache.layers[5].keys.data_ptr() == ptr
+        assert in_place == (reserve >= grown - n0), reserve
+        assert cache.positions.tolist() == list(range(grown))
+        runs[reserve] = (out[0, x.shape[1]:].tolist(), stack_cache(cache))
+    base_tokens, base_kv = runs[0]
+    for reserve, (tokens, kv) in runs.items():
+        assert tokens == base_tokens, reserve
+        assert torch.equal(kv, base_kv), reserve
+    if mode == "reuse":  # generate reserves room for the question and every new token itself
+        res = kdn.generate(ctx + ["Question: Where does the Amazon flow? Answer:"], max_new_tokens=12, mode=mode)
+        assert res.token_ids == base_tokens
+
+
+def test_bad_reserve_and_capacity_are_refused(kdn, docs):
+    with pytest.raises(ConfigError, match="reserve"):
+        kdn.prepare([docs[0]], mode="reuse", reserve=-1)
+    kv = torch.zeros(2, 2, 3, 10, 8)
+    with pytest.raises(ValueError, match="capacity"):
+        KDNCache(kv[:, :, :, :4].clone(), torch.arange(4), torch.arange(4), capacity=kv)
+    cache = KDNCache(kv[:, :, :, :4], torch.arange(4), torch.arange(4), capacity=kv)
+    assert cache.get_seq_length() == 4
+
+
+def test_greedy_blend_takes_its_first_token_from_the_blend(kdn, smol, docs):
+    """Plain greedy blend picks the first token from the blend's last row (the question computed once,
+    whole); any generation argument sends it down stock generate. Both give the same tokens."""
+    model, _ = smol
+    chunks = [d + "\n\n" for d in docs] + ["Question: Who won two Nobel Prizes? Answer:"]
+    kdn.ingest(chunks[:-1], progress=False)
+    fast = kdn.generate(chunks, max_new_tokens=8)
+    stock = kdn.generate(chunks, max_new_tokens=8, num_beams=1)  # an explicit argument: stock path
+    assert fast.stats.first_token == "blend" and stock.stats.first_token == "generate"
+    assert fast.token_ids == stock.token_ids and fast.text == stock.text
+    assert fast.stats.tokens_computed == stock.stats.tokens_computed  # question counted once either way
+    assert fast.stats.ttft_s <= fast.stats.total_s
+    one = kdn.generate(chunks, max_new_tokens=1)
+    assert one.token_ids == fast.token_ids[:1] and one.stats.tokens_generated == 1
+    # ratio 1.0: the first token from the blend equals full prefill's
+    full = kdn.generate(chunks, max_new_tokens=8, mode="full")
+    assert kdn.generate(chunks, max_new_tokens=8, recompute_ratio=1.0).token_ids == full.token_ids
+    assert kdn.generate(chunks, max_new_tokens=4, mode="reuse").stats.first_token == "generate"
