@@ -284,7 +284,7 @@ def _grouped_layer(layer, hidden, rs: _Rows, cache, kv_only: bool = False):
         qg = q[0, :, a:b].reshape(1, kv_heads, g * (b - a), d)
         o = F.scaled_dot_product_attention(qg, keys[:, :, :m], values[:, :, :m], attn_mask=mask,
                                            scale=attn.scaling)  # [1, kv_heads, g * rows, head_dim]
-        out.append(o.view(heads, b - a, d).transpose(0, 1))  # [rows of the group, heads, head_dim]
+        out.append(o.reshape(heads, b - a, d).transpose(0, 1))  # [rows of the group, heads, head_dim]
     o = torch.cat(out, dim=0).reshape(1, n, heads * d)
     hidden = hidden + attn.o_proj(o)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
