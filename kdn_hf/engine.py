@@ -98,10 +98,14 @@ class KDN:
                system prompt your prompts open with ("offline KV editing" in the CacheBlend
                paper): chunks then carry attention to it. Part of every chunk key. A chunk equal
                to the lead-in itself is computed after BOS only. None: BOS only.
+    store_blends: also store the blended KV of each ``generate`` prompt in ``blend`` mode (with a
+               selection given by name) under a ``blend`` key of its ids, question included, and
+               the ratio and selection: the same prompt again is then one store hit, with no
+               compose and no recompute. Off by default: an entry is the whole prompt's KV.
     """
 
     def __init__(self, model, tokenizer, store=None, *, namespace: str = "default", codec: str = "none",
-                 lead_in=None) -> None:
+                 lead_in=None, store_blends: bool = False) -> None:
         if not isinstance(namespace, str) or not namespace:
             raise ConfigError(f"namespace must be a non-empty string, got {namespace!r}")
         self.model = model.eval()
@@ -118,6 +122,9 @@ class KDN:
         self.chunk_context: tuple[int, ...] = self.lead_in + self.lead_in_text
         self._rope: RopeSpec | None = None
         self._deferred: list[tuple[str, ChunkKV]] | None = None  # store writes held back during generate
+        if not isinstance(store_blends, bool):
+            raise ConfigError(f"store_blends must be True or False, got {store_blends!r}")
+        self.store_blends = store_blends
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2-135m", store=None, **kwargs) -> "KDN":
@@ -136,7 +143,8 @@ class KDN:
         return self._rope
 
     # ------------------------------------------------------------------ keys
-    def chunk_key(self, ids: Sequence[int], *, kind: str = "chunk", context: Sequence[int] = ()) -> str:
+    def chunk_key(self, ids: Sequence[int], *, kind: str = "chunk", context: Sequence[int] = (),
+                  variant: str = "") -> str:
         return make_key(
             fingerprint=self.fingerprint.digest,
             codec=self.codec,
@@ -144,6 +152,7 @@ class KDN:
             token_ids=ids,
             kind=kind,
             context_ids=context,
+            variant=variant,
         )
 
     # ---------------------------------------------------------------- ingest
@@ -297,6 +306,18 @@ class KDN:
         keys = [self.chunk_key(ids, context=context) for ids, context in units]
         query = tuple(query) if ratio > 0 else ()
         ids = torch.tensor(list(prompt.prompt_ids) + list(query), dtype=torch.long)
+        blend_key = None
+        if self.store_blends and query and keep_query and isinstance(selection, str):
+            # the whole prompt's blended KV, question but its last token included (stock generate feeds that)
+            from kdn_hf.blend import get_selection
+
+            params = sorted((k, repr(v)) for k, v in vars(get_selection(selection)).items())
+            # chunks computed after the lead-in text blend differently: it is part of the key
+            blend_key = self.chunk_key(ids.tolist(), kind="blend", context=self.chunk_context,
+                                       variant=f"ratio={ratio!r};{selection};{params}")
+            cache = self._blend_hit(blend_key, ids[:-1], stats, device, reserve)
+            if cache is not None:
+                return cache
         blend = None
         first_layer = 0
         logits = []
@@ -329,7 +350,35 @@ class KDN:
             stats.tokens_computed += n
         cache = KDNCache(kv[:, :, :, :at], torch.arange(at), ids[:at], capacity=kv)
         cache.next_logits = logits[0] if logits else None
+        if blend_key is not None:
+            # stored after the answer (generate defers it); generate only writes the slots after these
+            held = len(ids) - 1
+            self._put(blend_key, ChunkKV(kv[:, :, :, :held], torch.arange(held), ids[:held]))
         return cache
+
+    def _blend_hit(self, key: str, ids: torch.Tensor, stats: PrepareStats, device, reserve: int) -> KDNCache | None:
+        """The stored blended KV of a whole prompt (``store_blends``) as a KDNCache with room for ``reserve``
+        more tokens, or None on a miss. An entry that does not hold exactly ``ids`` at positions
+        0..n-1 in the model's geometry is counted corrupt, removed and treated as a miss.
+
+        ids: [n] int64 the prompt's ids but the question's last token.
+        """
+        chunk, tier = self.store.get(key, self.fingerprint.digest)
+        if chunk is None:
+            return None
+        n = len(ids)
+        if (not torch.equal(chunk.token_ids.cpu(), ids) or not torch.equal(chunk.positions.cpu(), torch.arange(n))
+                or not self._geometry_ok(chunk)):
+            log.warning("blend entry %s does not hold the prompt its key promises; blending again", key)
+            self.store.note_corrupt(key)
+            return None
+        stats.hits[tier] = stats.hits.get(tier, 0) + 1
+        stats.bytes_loaded += chunk.nbytes
+        stats.tokens_reused += n
+        buf = torch.empty(*chunk.kv.shape[:3], n + 1 + reserve, chunk.kv.shape[4], dtype=chunk.kv.dtype,
+                          device=device)
+        buf[:, :, :, :n] = chunk.kv
+        return KDNCache(buf[:, :, :, :n], torch.arange(n), ids, capacity=buf)
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits [vocab] float32 from the last layer's output [hidden] of one row

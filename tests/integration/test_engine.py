@@ -215,3 +215,50 @@ def test_greedy_blend_takes_its_first_token_from_the_blend(kdn, smol, docs):
     full = kdn.generate(chunks, max_new_tokens=8, mode="full")
     assert kdn.generate(chunks, max_new_tokens=8, recompute_ratio=1.0).token_ids == full.token_ids
     assert kdn.generate(chunks, max_new_tokens=4, mode="reuse").stats.first_token == "generate"
+
+
+def test_store_blends_serves_the_same_prompt_as_one_hit(smol, docs, tmp_path):
+    """With store_blends, a generate prompt's blended KV is stored under its own key: the same prompt
+    again is one hit with no recompute, the same tokens and the same KV; any change to the question,
+    ratio or selection blends again; a corrupt blend entry is a counted miss, blended again."""
+    from kdn_hf.prompt import build_prompt
+
+    model, tok = smol
+    kdn = KDN(model, tok, store=tmp_path / "store", store_blends=True)
+    ctx = [SYSTEM] + [d + "\n\n" for d in docs]
+    q1, q2 = "Question: Who won two Nobel Prizes? Answer:", "Question: Where does the Amazon flow? Answer:"
+    kdn.ingest(ctx, progress=False)
+    root = kdn.store.tiers[0].root
+    chunk_files = set(root.rglob("*.kdn"))
+    first = kdn.generate(ctx + [q1], max_new_tokens=8)
+    assert first.stats.tokens_recomputed > 0 and first.stats.hit_count == len(ctx) + _lead(kdn)
+    blend_files = set(root.rglob("*.kdn")) - chunk_files
+    assert len(blend_files) == 1  # one entry for the whole blended prompt
+    again = kdn.generate(ctx + [q1], max_new_tokens=8)
+    assert again.stats.tokens_recomputed == 0 and again.stats.misses == 0 and again.stats.hit_count == 1
+    assert again.stats.tokens_computed == 1  # the question's last token, fed by generate
+    assert again.token_ids == first.token_ids
+    # the stored KV is the blend's, bit for bit
+    prompt = build_prompt(tok, ctx + [q1], max_positions=kdn.max_positions)
+    n = len(prompt.chunk_ids) - 1
+    hit = kdn._prepare(prompt, n, "blend", 0.15, "kdn", query=prompt.chunk_ids[-1], keep_query=True)
+    assert hit.stats.tokens_recomputed == 0
+    plain = KDN(model, tok, store=tmp_path / "store")  # store_blends off: blends every time
+    fresh = plain._prepare(prompt, n, "blend", 0.15, "kdn", query=prompt.chunk_ids[-1], keep_query=True)
+    assert fresh.stats.tokens_recomputed > 0
+    assert torch.equal(stack_cache(hit), stack_cache(fresh))
+    # a different question, ratio or selection is a different prompt or blend
+    assert kdn.generate(ctx + [q2], max_new_tokens=2).stats.tokens_recomputed > 0
+    assert kdn.generate(ctx + [q1], max_new_tokens=2, recompute_ratio=0.2).stats.tokens_recomputed > 0
+    assert kdn.generate(ctx + [q1], max_new_tokens=2, selection="cacheblend").stats.tokens_recomputed > 0
+    # a corrupt blend entry: counted, removed, blended again, stored back
+    (f,) = blend_files
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    third = kdn.generate(ctx + [q1], max_new_tokens=8)
+    assert third.stats.tokens_recomputed > 0 and third.token_ids == first.token_ids
+    assert kdn.store.stats()["disk"].corrupt == 1
+    assert kdn.generate(ctx + [q1], max_new_tokens=8).stats.tokens_recomputed == 0
+    with pytest.raises(ConfigError, match="store_blends"):
+        KDN(model, tok, store=tmp_path / "store", store_blends="yes")

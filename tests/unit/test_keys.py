@@ -68,3 +68,15 @@ def test_key_inputs_are_validated():
         key("f", kind="other")
     with pytest.raises(InputError, match="namespace"):
         key("f", namespace="")
+
+
+def test_blend_keys_carry_their_variant_and_others_refuse_one():
+    fp = model_fingerprint(tiny(0)).digest
+    a = key(fp, kind="blend", variant="ratio=0.15;kdn")
+    assert a == key(fp, kind="blend", variant="ratio=0.15;kdn")
+    assert len({a, key(fp, kind="blend", variant="ratio=0.2;kdn"), key(fp, kind="blend", variant="ratio=0.15;cb"),
+                key(fp), key(fp, kind="prefix")}) == 5
+    with pytest.raises(InputError, match="variant"):
+        key(fp, kind="blend")
+    with pytest.raises(InputError, match="variant"):
+        key(fp, variant="ratio=0.15")
