@@ -128,8 +128,9 @@ class KDNSelection(Selection):
     attends to it, and that attention is sparse; numbers in ``kdn_hf/blend/__init__.py``.
 
     Without the question (``KDN.prepare`` with no ``query``), it falls back to the
-    deviation ranking of ``cacheblend`` (K+V deviation at ``check_layer``), plus each chunk's
-    first ``sink_tokens`` tokens (0: none).
+    deviation ranking of ``cacheblend`` (K+V deviation at ``check_layer``). Either way each
+    later chunk's first ``sink_tokens`` tokens are taken first (0, the default: none; forcing 1
+    or 4 changed no answer on the 50 dev questions, the question's attention already picks them).
 
     narrow_at / narrow_keep: optional progressive narrowing after the given layers (keep that
     fraction of the context rows, by deviation there); empty = off.
@@ -164,8 +165,9 @@ class KDNSelection(Selection):
     def select(self, inp: SelectionInput) -> torch.Tensor:
         if inp.query_attention is not None:  # [layers, q, tokens]
             att = inp.query_attention[:, -1] if self.query_tokens == "last" else inp.query_attention.mean(dim=1)
-            return _top(att.mean(dim=0), inp.budget)
-        score = (inp.dev_k + inp.dev_v).clone()
+            score = att.mean(dim=0).clone()
+        else:
+            score = (inp.dev_k + inp.dev_v).clone()
         sinks = [torch.arange(s, min(e, s + self.sink_tokens)) for s, e in inp.spans if s > 0]
         forced = torch.cat(sinks)[: inp.budget] if sinks else torch.zeros(0, dtype=torch.long)
         score[forced] = float("inf")

@@ -75,6 +75,9 @@ def test_kdn_selection_with_the_question_takes_what_its_last_token_attends_to():
     assert sel.uses_query and not sel.probes(True) and sel.probes(False)
     assert sel.fresh_layers(True) == 0 and sel.fresh_layers(False) == sel.check_layer
     assert KDNSelection(query_depth=0.5).query_layers(30) == 15
+    # sinks are forced with the question too: the second chunk's first token, then the top attention
+    two = SelectionInput(None, None, ((0, 4), (4, 10)), 2, att)
+    assert KDNSelection(sink_tokens=1).select(two).tolist() == [4, 7]
 
 
 def test_kdn_selection_rejects_bad_parameters_with_the_allowed_range():
