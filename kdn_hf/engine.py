@@ -320,7 +320,7 @@ class KDN:
                 return cache
         blend = None
         first_layer = 0
-        logits = []
+        logits: torch.Tensor | None = None  # next-token logits from the blend's last row (first_token)
         if ratio > 0:  # kv is a fresh buffer (never a stored entry): blend it in place
             from kdn_hf.blend import get_selection, recompute
 
@@ -328,11 +328,12 @@ class KDN:
             first_layer = sel.fresh_layers(bool(query))  # overwritten for every token: not composed
 
             def blend(kv, wait_layer):  # reads layer l of kv only after wait_layer(l)
+                nonlocal logits
                 res = recompute(self.model, kv[:, :, :, :len(ids)], ids, prompt.spans, ratio, sel,
                                 wait_layer=wait_layer, query_rows=len(query),
                                 last_hidden=first_token and keep_query and bool(query))
                 stats.tokens_recomputed = int(res.selected.numel())
-                logits[:] = [] if res.last_hidden is None else [self._lm_head(res.last_hidden)]
+                logits = None if res.last_hidden is None else self._lm_head(res.last_hidden)
 
         # fetches start now, in the background; composing then runs layer by layer in the background
         # while the blend reads the layers already composed (kdn_hf.delivery)
@@ -345,11 +346,11 @@ class KDN:
         composed.run(blend)
         at = len(prompt)
         if query and keep_query:
-            n = len(query) if logits else len(query) - 1
+            n = len(query) if logits is not None else len(query) - 1
             at += n
             stats.tokens_computed += n
         cache = KDNCache(kv[:, :, :, :at], torch.arange(at), ids[:at], capacity=kv)
-        cache.next_logits = logits[0] if logits else None
+        cache.next_logits = logits
         if blend_key is not None:
             # stored after the answer (generate defers it); generate only writes the slots after these
             held = len(ids) - 1

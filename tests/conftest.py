@@ -193,40 +193,36 @@ class RedisClusterServers:
             self.kill(i)
 
 
+def _serve(cls, path):
+    """Start ``cls(path)`` (RedisServer or RedisClusterServers), yield it, stop it (skips without redis-py)."""
+    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
+    servers = cls(path)
+    yield servers
+    servers.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     """A session-wide 3-master Redis Cluster (skips if redis-server / redis-cli are missing)."""
-    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
-    servers = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
-    yield servers
-    servers.stop()
+    yield from _serve(RedisClusterServers, tmp_path_factory.mktemp("redis-cluster"))
 
 
 @pytest.fixture
 def own_redis_cluster(tmp_path):
     """A Redis Cluster of this test's own (for tests that kill a master)."""
-    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
-    servers = RedisClusterServers(tmp_path)
-    yield servers
-    servers.stop()
+    yield from _serve(RedisClusterServers, tmp_path)
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A session-wide redis-server (skips if not installed); ``.url(db, **params)``, ``.flush()``."""
-    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
+    yield from _serve(RedisServer, tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture
 def own_redis(tmp_path):
     """A redis-server of this test's own (for tests that kill or stop it)."""
-    pytest.importorskip("redis", reason="the redis extra is not installed (pip install kdn-hf[redis])")
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
+    yield from _serve(RedisServer, tmp_path)
 
 
 @pytest.fixture

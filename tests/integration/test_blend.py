@@ -158,6 +158,11 @@ def test_blend_after_miss_reorder_repeat_and_full_hit(kdn, smol, docs):
         assert out[0, x.shape[1]:].tolist() == res.token_ids
 
 
+def _kl(model, cache, suffix, ref):
+    got = F.log_softmax(_first_logits(model, cache, list(suffix)), -1)
+    return F.kl_div(got, ref, log_target=True, reduction="sum").item()
+
+
 def test_blend_has_lower_first_token_kl_than_reuse_on_the_dev_set(smol):
     model, tok = smol
     kdn = KDN(model, tok, store="memory://")
@@ -166,15 +171,9 @@ def test_blend_has_lower_first_token_kl_than_reuse_on_the_dev_set(smol):
         ctx = [list(c) for c in case.context]
         ref = F.log_softmax(_first_logits(model, kdn.prepare(ctx, mode="full"), list(case.suffix)), -1)
         for mode, values in kl.items():
-            got = F.log_softmax(_first_logits(model, kdn.prepare(ctx, mode=mode), list(case.suffix)), -1)
-            values.append(F.kl_div(got, ref, log_target=True, reduction="sum").item())
+            values.append(_kl(model, kdn.prepare(ctx, mode=mode), case.suffix, ref))
     mean = {m: sum(v) / len(v) for m, v in kl.items()}
     assert mean["blend"] < mean["reuse"], mean
-
-
-def _kl(model, cache, suffix, ref):
-    got = F.log_softmax(_first_logits(model, cache, list(suffix)), -1)
-    return F.kl_div(got, ref, log_target=True, reduction="sum").item()
 
 
 def test_question_aware_selection_beats_cacheblend_on_the_dev_set(smol):
