@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from kdn_hf.errors import KDNError
 

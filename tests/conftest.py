@@ -32,6 +32,24 @@ def make_chunk():
     return make
 
 
+@pytest.fixture
+def fixed_selection():
+    """Factory of a blend Selection that recomputes exactly the given slots (to test the
+    recompute itself, not a ranking strategy)."""
+    from kdn_hf.blend import Selection, SelectionInput
+
+    class FixedSelection(Selection):
+        name = "fixed"
+
+        def __init__(self, slots) -> None:
+            self.slots = torch.tensor(sorted(slots), dtype=torch.long)
+
+        def select(self, inp: SelectionInput) -> torch.Tensor:
+            return self.slots
+
+    return FixedSelection
+
+
 class RedisServer:
     """A real redis-server on a free loopback port, in its own temp dir, no persistence."""
 

@@ -17,7 +17,9 @@ what it asks for:
 
 The chosen tokens (and the question) are pushed through the layers, each
 attending to the whole context (fresh rows where recomputed, reused rows
-elsewhere).
+elsewhere). A strategy may narrow the set after some layers
+(``Selection.narrow_layers``): the context rows whose fresh K/V deviates least
+from the reused K/V there stop, and keep their reused KV in the layers above.
 
 It is a manual loop over the model's own decoder layers (stock modules, stock
 attention kernels), with three ingredients:
@@ -98,13 +100,16 @@ class RecomputeResult:
     """selected: [n] int64 context slots recomputed (sorted; question rows excluded).
     dev_k, dev_v: [context tokens] float32 check-layer deviations, or None (no probe).
     query_attention: [layers, context tokens] float32 attention of the question per layer, or None.
-    last_hidden: [hidden] output of the last layer for the last slot (asked with ``last_hidden``), or None."""
+    last_hidden: [hidden] output of the last layer for the last slot (asked with ``last_hidden``), or None.
+    layer_rows: context rows recomputed at each layer (fewer in the upper layers with narrowing;
+                0 below a probe's check layer)."""
 
     selected: torch.Tensor
     dev_k: torch.Tensor | None
     dev_v: torch.Tensor | None
     query_attention: torch.Tensor | None = None
     last_hidden: torch.Tensor | None = None
+    layer_rows: tuple[int, ...] = ()
 
 
 def query_attention(layer, hidden_q: torch.Tensor, q_pos: torch.Tensor, pos_emb, keys: torch.Tensor):
@@ -400,9 +405,13 @@ def recompute(
     rs = _Rows(rows, T, pos_emb, dtype, own_causal)
     hidden = hidden[:, rs.rows]
     last = len(layers) - 1
+    # progressive narrowing; none when every context token is selected (ratio 1 stays exact)
+    narrow_at = set(selection.narrow_layers(len(layers))) if budget < C else set()
+    layer_rows = [0] * len(layers)
     for i in range(start, len(layers)):
         wait(i)
-        cache.measure = i in selection.narrow_at and i < last
+        layer_rows[i] = int(rs.rows.numel()) - query_rows
+        cache.measure = i in narrow_at and i < last
         # the last layer's output is never used (the KV is the product): stop once its K/V are written
         h_in = hidden
         hidden = _run_layer(layers[i], hidden, rs, cache, kv_name, kv_only=i == last, grouped=True)
@@ -417,4 +426,4 @@ def recompute(
             keep = torch.cat([keep, torch.arange(n_ctx, rs.rows.numel(), device=device)])
             rs = _Rows(rs.rows[keep], T, pos_emb, dtype, own_causal)
             hidden = hidden[:, keep]
-    return RecomputeResult(sel, dev_k, dev_v, q_att, out_last if last_hidden else None)
+    return RecomputeResult(sel, dev_k, dev_v, q_att, out_last if last_hidden else None, tuple(layer_rows))

@@ -74,13 +74,19 @@ class Selection(ABC):
     name: str = ""
     check_layer: int = 1
     uses_query: bool = False  # wants SelectionInput.query_attention (the recompute then computes it)
-    narrow_at: tuple[int, ...] = ()  # layers after which ``narrow`` is asked
+    narrow_at: tuple[int, ...] = ()  # layers after which ``narrow`` is asked (see ``narrow_layers``)
 
     query_last_only: bool = False  # query_attention of the question's last token only ([layers, 1, tokens])
 
     def query_layers(self, num_layers: int) -> int:
         """How many layers (from 0) the question pass runs to collect ``query_attention``."""
         return num_layers
+
+    def narrow_layers(self, num_layers: int) -> tuple[int, ...]:
+        """Layers after which ``narrow`` is asked, for a model of ``num_layers`` layers (default:
+        ``narrow_at``). The recompute skips narrowing when every context token is selected (ratio 1
+        stays exact) and after the last layer."""
+        return self.narrow_at
 
     def probes(self, query_known: bool) -> bool:
         """Whether the recompute measures deviation at ``check_layer`` (running the layers below it
@@ -132,15 +138,23 @@ class KDNSelection(Selection):
     later chunk's first ``sink_tokens`` tokens are taken first (0, the default: none; forcing 1
     or 4 changed no answer on the 50 dev questions, the question's attention already picks them).
 
-    narrow_at / narrow_keep: optional progressive narrowing after the given layers (keep that
-    fraction of the context rows, by deviation there); empty = off.
+    Progressive narrowing (on by default): after the layers at the fractions ``narrow_depths`` of
+    the model's depth (for 30 layers: after the 0-based layers 4, 8, 12, 16 and 20), only the ``narrow_keep``
+    share of the context rows still being recomputed whose K+V deviates most from the reused KV at
+    that layer go on; the others keep their reused KV in the layers above. With the defaults, 44% of
+    the selected tokens reach the top third of the model. On 16 dev questions it cost almost no
+    quality (first-token KL 0.0265 -> 0.0288, cacheblend: 0.0755) and saved about 170 ms of the
+    ~900 ms blend (numbers in ``kdn_hf/blend/__init__.py``). ``narrow_depths=()`` turns it off.
+    The question rows are never narrowed, and a ratio of 1 (every token selected) is not narrowed,
+    so it stays exact.
     """
 
     name = "kdn"
     uses_query = True
 
     def __init__(self, query_tokens: str = "last", query_depth: float = 1.0, sink_tokens: int = 0,
-                 narrow_at: tuple[int, ...] = (), narrow_keep: float = 0.7) -> None:
+                 narrow_depths: tuple[float, ...] = (2 / 15, 4 / 15, 6 / 15, 8 / 15, 10 / 15),
+                 narrow_keep: float = 0.85) -> None:
         if query_tokens not in ("last", "mean"):
             raise ConfigError(f"query_tokens must be 'last' or 'mean', got {query_tokens!r}")
         if not 0.0 < query_depth <= 1.0:
@@ -151,9 +165,12 @@ class KDNSelection(Selection):
             raise ConfigError(f"sink_tokens must be >= 0, got {sink_tokens}")
         if not 0.0 < narrow_keep <= 1.0:
             raise ConfigError(f"narrow_keep must lie in (0, 1], got {narrow_keep}")
+        depths = tuple(float(d) for d in narrow_depths)
+        if any(not 0.0 < d < 1.0 for d in depths):
+            raise ConfigError(f"narrow_depths are fractions of the model's depth in (0, 1), got {narrow_depths!r}")
         self.query_tokens = query_tokens
         self.sink_tokens = sink_tokens
-        self.narrow_at = tuple(narrow_at)
+        self.narrow_depths = depths
         self.narrow_keep = narrow_keep
 
     def probes(self, query_known: bool) -> bool:
@@ -161,6 +178,10 @@ class KDNSelection(Selection):
 
     def query_layers(self, num_layers: int) -> int:
         return max(1, round(self.query_depth * num_layers))
+
+    def narrow_layers(self, num_layers: int) -> tuple[int, ...]:
+        # 0-based layer indices (30 layers: 4, 8, 12, 16, 20)
+        return tuple(sorted({round(d * num_layers) for d in self.narrow_depths}))
 
     def select(self, inp: SelectionInput) -> torch.Tensor:
         if inp.query_attention is not None:  # [layers, q, tokens]

@@ -8,24 +8,12 @@ import torch.nn.functional as F
 
 from kdn_hf import KDN
 from kdn_hf.bench import rag_cases
-from kdn_hf.blend import SELECTIONS, Selection, SelectionInput, get_selection, recompute
+from kdn_hf.blend import SELECTIONS, get_selection, recompute
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import stack_cache
 from kdn_hf.errors import ConfigError
 
 QUESTION = "Question: Who won two Nobel Prizes? Answer:"
-
-
-class FixedSelection(Selection):
-    """Recompute exactly the given slots (to test the recompute, not a strategy)."""
-
-    name = "fixed"
-
-    def __init__(self, slots) -> None:
-        self.slots = torch.tensor(sorted(slots), dtype=torch.long)
-
-    def select(self, inp: SelectionInput) -> torch.Tensor:
-        return self.slots
 
 
 def _chunks(docs):
@@ -54,7 +42,7 @@ def test_ratio_one_reproduces_full_prefill_kv_and_logits(kdn, smol, docs, select
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_recomputing_any_subset_of_an_exact_cache_leaves_it_unchanged(kdn, smol, docs, attn):
+def test_recomputing_any_subset_of_an_exact_cache_leaves_it_unchanged(kdn, smol, docs, attn, fixed_selection):
     """With full prefill's KV in place, any recomputed token reproduces it; a token that
     could see a later position (wrong mask) would not."""
     model, _ = smol
@@ -68,14 +56,38 @@ def test_recomputing_any_subset_of_an_exact_cache_leaves_it_unchanged(kdn, smol,
     try:
         for slots in subsets:
             kv = exact.clone()
-            recompute(model, kv, ids, spans, 0.5, FixedSelection(slots))
+            recompute(model, kv, ids, spans, 0.5, fixed_selection(slots))
             assert (kv - exact).abs().max().item() <= 1e-4, (attn, slots[:5])
     finally:
         model.config._attn_implementation = old
 
 
+def test_progressive_narrowing_keeps_an_exact_cache_and_stops_rows_in_the_upper_layers(kdn, smol, docs):
+    """The default kdn selection narrows after layers 4, 8, 12, 16, 20 (of 30): fewer context rows run
+    above each, and the rows it still recomputes (and the question) reproduce an exact cache; at ratio 1
+    nothing is narrowed."""
+    model, tok = smol
+    exact_cache = kdn.prepare(_chunks(docs) + [QUESTION], mode="full")
+    exact = stack_cache(exact_cache)
+    ids, spans = exact_cache.token_ids, exact_cache.chunk_spans
+    q_rows = spans[-1][1] - spans[-1][0]
+    C = exact.shape[3] - q_rows
+    kv = exact.clone()
+    res = recompute(model, kv, ids, spans[:-1], 0.15, get_selection("kdn"), query_rows=q_rows)
+    assert (kv - exact).abs().max().item() <= 1e-4
+    budget = round(0.15 * C)
+    expect, n = [], budget
+    for i in range(len(model.model.layers)):
+        expect.append(n)
+        if i in (4, 8, 12, 16, 20):
+            n = round(n * 0.85)
+    assert list(res.layer_rows) == expect and expect[-1] < budget // 2
+    full_ratio = recompute(model, exact.clone(), ids, spans[:-1], 1.0, get_selection("kdn"), query_rows=q_rows)
+    assert set(full_ratio.layer_rows) == {C}
+
+
 @pytest.mark.parametrize("group_rows", [4, 1000])
-def test_causal_groups_attend_like_one_masked_call(kdn, smol, docs, group_rows, monkeypatch):
+def test_causal_groups_attend_like_one_masked_call(kdn, smol, docs, group_rows, monkeypatch, fixed_selection):
     """The recompute attends group by group over the keys each group can see (``_Rows.groups``);
     with many groups or one, recomputing an exact cache leaves it unchanged, and later garbage never
     reaches earlier rows."""
@@ -93,17 +105,17 @@ def test_causal_groups_attend_like_one_masked_call(kdn, smol, docs, group_rows, 
     assert len(rows.groups) == (rc.MAX_GROUPS if group_rows == 4 else 1)
     assert rows.groups[-1][2] == slots[-1] + 1 and rows.groups[0][2] < T  # each group sees up to its last row
     kv = exact.clone()
-    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, FixedSelection(slots))
+    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, fixed_selection(slots))
     assert (kv - exact).abs().max().item() <= 1e-4
     i = T // 2
     kv = exact.clone()
     kv[2:, :, :, i + 1:] = torch.randn_like(kv[2:, :, :, i + 1:]) * 10
     early = [s for s in slots if s <= i]
-    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, FixedSelection(early))
+    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, fixed_selection(early))
     assert (kv[:, :, :, : i + 1] - exact[:, :, :, : i + 1]).abs().max().item() <= 1e-4
 
 
-def test_mask_keeps_later_positions_out_of_recomputed_tokens(kdn, smol, docs):
+def test_mask_keeps_later_positions_out_of_recomputed_tokens(kdn, smol, docs, fixed_selection):
     """Garbage KV after slot i (past the check layer) must not reach tokens recomputed at <= i."""
     model, _ = smol
     exact_cache = kdn.prepare(_chunks(docs), mode="full")
@@ -113,7 +125,7 @@ def test_mask_keeps_later_positions_out_of_recomputed_tokens(kdn, smol, docs):
     kv = exact.clone()
     kv[2:, :, :, i + 1:] = torch.randn_like(kv[2:, :, :, i + 1:]) * 10  # layers > check layer 1
     early = list(range(0, i + 1, 3)) + [i]
-    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, FixedSelection(set(early)))
+    recompute(model, kv, exact_cache.token_ids, exact_cache.chunk_spans, 0.5, fixed_selection(set(early)))
     assert (kv[:, :, :, : i + 1] - exact[:, :, :, : i + 1]).abs().max().item() <= 1e-4
 
 

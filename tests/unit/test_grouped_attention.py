@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from kdn_hf.blend import Selection, SelectionInput, recompute
+from kdn_hf.blend import recompute
 from kdn_hf.compute import stack_cache
 
 rc = importlib.import_module("kdn_hf.blend.recompute")
@@ -25,16 +25,6 @@ FAMILIES = {
 }
 
 
-class Fixed(Selection):
-    name = "fixed"
-
-    def __init__(self, slots) -> None:
-        self.slots = torch.tensor(sorted(slots), dtype=torch.long)
-
-    def select(self, inp: SelectionInput) -> torch.Tensor:
-        return self.slots
-
-
 def _tiny(family: str, **extra):
     cls, kw = FAMILIES[family]
     torch.manual_seed(0)
@@ -45,7 +35,7 @@ def _tiny(family: str, **extra):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("group_rows", [3, 10_000])
-def test_grouped_recompute_of_an_exact_cache_leaves_it_unchanged(family, group_rows, monkeypatch):
+def test_grouped_recompute_of_an_exact_cache_leaves_it_unchanged(family, group_rows, monkeypatch, fixed_selection):
     model = _tiny(family)
     assert all(rc.groupable(layer) for layer in model.model.layers), family
     monkeypatch.setattr(rc, "GROUP_ROWS", group_rows)
@@ -55,11 +45,11 @@ def test_grouped_recompute_of_an_exact_cache_leaves_it_unchanged(family, group_r
         exact = stack_cache(model(ids[None], use_cache=True).past_key_values)
     for slots in ([0], list(range(2, T, 4)), list(range(T))):
         kv = exact.clone()
-        recompute(model, kv, ids, [(0, T)], 0.5, Fixed(slots))
+        recompute(model, kv, ids, [(0, T)], 0.5, fixed_selection(slots))
         assert (kv - exact).abs().max().item() <= 1e-5, (family, slots[:4])
     # question rows at the end, question-blind selection: the same
     kv = exact.clone()
-    recompute(model, kv, ids, [(0, T - 7)], 0.5, Fixed(range(1, T - 7, 5)), query_rows=7)
+    recompute(model, kv, ids, [(0, T - 7)], 0.5, fixed_selection(range(1, T - 7, 5)), query_rows=7)
     assert (kv - exact).abs().max().item() <= 1e-5, family
 
 

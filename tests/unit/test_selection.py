@@ -85,3 +85,17 @@ def test_kdn_selection_rejects_bad_parameters_with_the_allowed_range():
         KDNSelection(query_tokens="first")
     with pytest.raises(ConfigError, match=r"query_depth must lie in \(0, 1\]"):
         KDNSelection(query_depth=0)
+    with pytest.raises(ConfigError, match=r"narrow_depths are fractions of the model's depth in \(0, 1\)"):
+        KDNSelection(narrow_depths=(0.5, 1.0))
+    with pytest.raises(ConfigError, match=r"narrow_keep must lie in \(0, 1\]"):
+        KDNSelection(narrow_keep=0)
+
+
+def test_kdn_selection_narrows_at_fractions_of_the_depth():
+    assert KDNSelection().narrow_layers(30) == (4, 8, 12, 16, 20)
+    assert KDNSelection().narrow_layers(3) == (0, 1, 2)  # the recompute never narrows after the last layer
+    assert KDNSelection(narrow_depths=()).narrow_layers(30) == ()
+    assert KDNSelection(narrow_depths=(0.5,)).narrow_layers(24) == (12,)
+    # keeps the narrow_keep share of the rows with the largest deviation, in slot order
+    rows = torch.tensor([3, 5, 9, 12])
+    assert KDNSelection(narrow_keep=0.5).narrow(4, rows, torch.tensor([0.1, 4.0, 0.2, 3.0])).tolist() == [1, 3]
