@@ -333,6 +333,9 @@ class KDN:
                                 wait_layer=wait_layer, query_rows=len(query),
                                 last_hidden=first_token and keep_query and bool(query))
                 stats.tokens_recomputed = int(res.selected.numel())
+                context = len(ids) - len(query)
+                if context and res.layer_rows:
+                    stats.recompute_share = sum(res.layer_rows) / (len(res.layer_rows) * context)
                 logits = None if res.last_hidden is None else self._lm_head(res.last_hidden)
 
         # fetches start now, in the background; composing then runs layer by layer in the background

@@ -14,6 +14,10 @@ class PrepareStats:
     tokens_computed: prompt tokens prefilled by the model while preparing
     (misses and lead-in); the suffix that generate prefills is added by generate.
     bytes_loaded: bytes of KV read from the store.
+    tokens_recomputed: context tokens the blend selected (recomputed from its first layer on).
+    recompute_share: the blend's context token-layers recomputed over all of them (layers x
+    context tokens): its real share of a prefill's layer work; below the ratio when the selection
+    narrows in the upper layers (the default ``kdn`` does), 0 outside blend mode.
     """
 
     mode: str = "reuse"
@@ -24,6 +28,7 @@ class PrepareStats:
     tokens_reused: int = 0
     tokens_computed: int = 0
     tokens_recomputed: int = 0
+    recompute_share: float = 0.0
     bytes_loaded: int = 0
     prepare_s: float = 0.0
 

@@ -94,6 +94,7 @@ def time_methods(kdn, methods: list[Method], cases: list[RagCase], reps: int) ->
                 ttfts[m.label].append(res.stats.ttft_s)
                 last[m.label] = res.stats
     return {label: {"ttft_s": statistics.median(ts), "tokens_recomputed": last[label].tokens_recomputed,
+                    "recompute_share": last[label].recompute_share,
                     "bytes_loaded": last[label].bytes_loaded, "tokens_total": last[label].tokens_total}
             for label, ts in ttfts.items()}
 
@@ -158,7 +159,8 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
                    "ratio": m.ratio if m.mode == "blend" else 0.0,
                    "selection": m.selection if m.mode == "blend" else None,
                    "ttft_ms": t["ttft_s"] * 1000, "speedup": (base / t["ttft_s"]) if base else None,
-                   "tokens_recomputed": t["tokens_recomputed"], "bytes_loaded": t["bytes_loaded"]}
+                   "tokens_recomputed": t["tokens_recomputed"], "recompute_share": t["recompute_share"],
+                   "bytes_loaded": t["bytes_loaded"]}
             q = qual.get(m.label) or (qual.get("full") if m.mode == "prefix" else None) or {}
             row.update({key: q.get(key) for key in ("kl_mean", "kl_median", "top1_agree", "answer_nll",
                                                     "accuracy", "n_questions")})
@@ -167,10 +169,11 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
 
 
 COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
-           ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7), ("bytes_loaded", "{:.1f}", 8),
+           ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7),
+           ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8),
            ("kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7), ("answer_nll", "{:.3f}", 7),
            ("accuracy", "{:.1%}", 7)]
-HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp",
+HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp", "recompute_share": "layer%",
            "bytes_loaded": "MiB_load", "kl_mean": "KL", "top1_agree": "top1", "answer_nll": "ans_NLL",
            "accuracy": "acc"}
 

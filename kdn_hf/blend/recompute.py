@@ -101,8 +101,8 @@ class RecomputeResult:
     dev_k, dev_v: [context tokens] float32 check-layer deviations, or None (no probe).
     query_attention: [layers, context tokens] float32 attention of the question per layer, or None.
     last_hidden: [hidden] output of the last layer for the last slot (asked with ``last_hidden``), or None.
-    layer_rows: context rows recomputed at each layer (fewer in the upper layers with narrowing;
-                0 below a probe's check layer)."""
+    layer_rows: context rows recomputed at each layer: every one below a probe's check layer (run
+                fresh), the selected ones above it, fewer in the upper layers with narrowing."""
 
     selected: torch.Tensor
     dev_k: torch.Tensor | None
@@ -407,7 +407,7 @@ def recompute(
     last = len(layers) - 1
     # progressive narrowing; none when every context token is selected (ratio 1 stays exact)
     narrow_at = set(selection.narrow_layers(len(layers))) if budget < C else set()
-    layer_rows = [0] * len(layers)
+    layer_rows = [C] * start + [0] * (len(layers) - start)  # below a probe's check layer: every token
     for i in range(start, len(layers)):
         wait(i)
         layer_rows[i] = int(rs.rows.numel()) - query_rows

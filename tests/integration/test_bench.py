@@ -34,6 +34,7 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert full["speedup"] == 1.0 and full["kl_mean"] == 0.0 and full["top1_agree"] >= 0.75
     assert reuse["bytes_loaded"] > 0 and reuse["tokens_recomputed"] == 0
     assert rows[3]["tokens_recomputed"] > 0 and rows[3]["kl_mean"] is not None
+    assert reuse["recompute_share"] == 0.0 and 0.0 < rows[3]["recompute_share"] <= rows[4]["recompute_share"]
     assert out_png.stat().st_size > 1000
 
 

@@ -84,6 +84,13 @@ def test_progressive_narrowing_keeps_an_exact_cache_and_stops_rows_in_the_upper_
     assert list(res.layer_rows) == expect and expect[-1] < budget // 2
     full_ratio = recompute(model, exact.clone(), ids, spans[:-1], 1.0, get_selection("kdn"), query_rows=q_rows)
     assert set(full_ratio.layer_rows) == {C}
+    # the stats carry the real share of layer work: below the ratio with narrowing, above it with a probe
+    q = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    kdn.ingest(_chunks(docs), progress=False)
+    for name, share in (("kdn", sum(expect) / (len(expect) * C)), ("cacheblend", (C + 29 * budget) / (30 * C))):
+        cache = kdn.prepare(_chunks(docs), mode="blend", recompute_ratio=0.15, selection=name, query=q)
+        assert cache.stats.recompute_share == pytest.approx(share), name
+    assert sum(expect) / (len(expect) * C) < 0.15 < (C + 29 * budget) / (30 * C)
 
 
 @pytest.mark.parametrize("group_rows", [4, 1000])
