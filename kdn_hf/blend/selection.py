@@ -103,7 +103,7 @@ class Selection(ABC):
         """[budget] int64 sorted slot indices of the tokens to recompute."""
 
     def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
-        """After ``layer`` (one of ``narrow_at``) ran for ``rows`` ([n] slots) with per-row
+        """After ``layer`` (one of ``narrow_layers``) ran for ``rows`` ([n] slots) with per-row
         K+V deviation ``dev`` [n]: sorted positions *into rows* to keep for the next layers."""
         return torch.arange(rows.numel())
 
