@@ -264,11 +264,14 @@ class KDN:
         return cache
 
     def _fetch(self, key: str, ids: Sequence[int], stats: PrepareStats,
-               loader: ChunkLoader | None = None) -> ChunkKV | None:
+               loader: ChunkLoader | None = None, positions: torch.Tensor | None = None) -> ChunkKV | None:
+        """The entry under ``key`` (a counted hit), or None: a miss, or an entry that does not hold ``ids``
+        (at ``positions``, where given) in the model's geometry, which is counted corrupt and removed."""
         chunk, tier = loader.get(key) if loader is not None else self.store.get(key, self.fingerprint.digest)
         if chunk is None:
             return None
-        if chunk.token_ids.tolist() != list(ids) or not self._geometry_ok(chunk):
+        if (chunk.token_ids.tolist() != list(ids) or not self._geometry_ok(chunk)
+                or (positions is not None and not torch.equal(chunk.positions.cpu(), positions))):
             log.warning("entry %s does not hold the ids/geometry its key promises; recomputing", key)
             self.store.note_corrupt(key)
             return None
@@ -367,18 +370,10 @@ class KDN:
 
         ids: [n] int64 the prompt's ids but the question's last token.
         """
-        chunk, tier = self.store.get(key, self.fingerprint.digest)
+        n = len(ids)
+        chunk = self._fetch(key, ids.tolist(), stats, positions=torch.arange(n))
         if chunk is None:
             return None
-        n = len(ids)
-        if (not torch.equal(chunk.token_ids.cpu(), ids) or not torch.equal(chunk.positions.cpu(), torch.arange(n))
-                or not self._geometry_ok(chunk)):
-            log.warning("blend entry %s does not hold the prompt its key promises; blending again", key)
-            self.store.note_corrupt(key)
-            return None
-        stats.hits[tier] = stats.hits.get(tier, 0) + 1
-        stats.bytes_loaded += chunk.nbytes
-        stats.tokens_reused += n
         buf = torch.empty(*chunk.kv.shape[:3], n + 1 + reserve, chunk.kv.shape[4], dtype=chunk.kv.dtype,
                           device=device)
         buf[:, :, :, :n] = chunk.kv

@@ -405,13 +405,14 @@ def recompute(
     rs = _Rows(rows, T, pos_emb, dtype, own_causal)
     hidden = hidden[:, rs.rows]
     last = len(layers) - 1
-    # progressive narrowing; none when every context token is selected (ratio 1 stays exact)
-    narrow_at = set(selection.narrow_layers(len(layers))) if budget < C else set()
+    # progressive narrowing: never after the last layer, nor when every context token is selected
+    # (ratio 1 stays exact)
+    narrow_at = {i for i in selection.narrow_layers(len(layers)) if i < last} if budget < C else set()
     layer_rows = [C] * start + [0] * (len(layers) - start)  # below a probe's check layer: every token
     for i in range(start, len(layers)):
         wait(i)
         layer_rows[i] = int(rs.rows.numel()) - query_rows
-        cache.measure = i in narrow_at and i < last
+        cache.measure = i in narrow_at
         # the last layer's output is never used (the KV is the product): stop once its K/V are written
         h_in = hidden
         hidden = _run_layer(layers[i], hidden, rs, cache, kv_name, kv_only=i == last, grouped=True)

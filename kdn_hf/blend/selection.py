@@ -74,7 +74,6 @@ class Selection(ABC):
     name: str = ""
     check_layer: int = 1
     uses_query: bool = False  # wants SelectionInput.query_attention (the recompute then computes it)
-    narrow_at: tuple[int, ...] = ()  # layers after which ``narrow`` is asked (see ``narrow_layers``)
 
     query_last_only: bool = False  # query_attention of the question's last token only ([layers, 1, tokens])
 
@@ -83,10 +82,10 @@ class Selection(ABC):
         return num_layers
 
     def narrow_layers(self, num_layers: int) -> tuple[int, ...]:
-        """Layers after which ``narrow`` is asked, for a model of ``num_layers`` layers (default:
-        ``narrow_at``). The recompute skips narrowing when every context token is selected (ratio 1
-        stays exact) and after the last layer."""
-        return self.narrow_at
+        """0-based layers after which ``narrow`` is asked, for a model of ``num_layers`` layers (default:
+        none). The recompute skips narrowing when every context token is selected (ratio 1 stays
+        exact) and after the last layer."""
+        return ()
 
     def probes(self, query_known: bool) -> bool:
         """Whether the recompute measures deviation at ``check_layer`` (running the layers below it
