@@ -40,7 +40,7 @@ from kdn_hf.errors import ConfigError, InputError
 from kdn_hf.fingerprint import model_fingerprint
 from kdn_hf.keys import make_key
 from kdn_hf.kv import ChunkKV
-from kdn_hf.prompt import Prompt, build_prompt, lead_in_ids, tokenize_chunk
+from kdn_hf.prompt import Prompt, build_prompt, opener_ids, tokenize_chunk
 from kdn_hf.result import GenerateResult, GenerateStats, PrepareStats
 from kdn_hf.rope import RopeSpec, rerotate, rope_spec_from_model
 from kdn_hf.store import KVStore, open_store
@@ -116,7 +116,7 @@ class KDN:
         self.fingerprint = model_fingerprint(model)
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_positions: int | None = getattr(text_cfg, "max_position_embeddings", None)
-        self.lead_in: tuple[int, ...] = lead_in_ids(tokenizer)  # BOS (or nothing): opens every prompt
+        self.lead_in: tuple[int, ...] = opener_ids(tokenizer)  # BOS (or nothing): opens every prompt
         #: ids every chunk is computed after (``lead_in`` plus the optional lead-in text)
         self.lead_in_text: tuple[int, ...] = () if lead_in is None else tokenize_chunk(tokenizer, lead_in)
         self.chunk_context: tuple[int, ...] = self.lead_in + self.lead_in_text
@@ -236,7 +236,7 @@ class KDN:
                  selection: str = DEFAULT_SELECTION, query: Sequence[int] = (),
                  keep_query: bool = False, reserve: int = 0, first_token: bool = False) -> KDNCache:
         t0 = time.perf_counter()
-        sub = Prompt(prompt.lead_in, prompt.chunk_ids[:n_chunks])
+        sub = Prompt(prompt.opener, prompt.chunk_ids[:n_chunks])
         stats = PrepareStats(mode=mode, chunks=n_chunks, tokens_total=len(sub))
         if mode == "full":
             cache = self._prepare_full(sub, stats)
@@ -303,8 +303,8 @@ class KDN:
         """
         device = self.model.device
         units: list[tuple[tuple[int, ...], tuple[int, ...]]] = []  # (ids, context they are computed after)
-        if prompt.lead_in:
-            units.append((prompt.lead_in, ()))
+        if prompt.opener:
+            units.append((prompt.opener, ()))
         units += [(ids, self.context_of(ids)) for ids in prompt.chunk_ids]
         keys = [self.chunk_key(ids, context=context) for ids, context in units]
         query = tuple(query) if ratio > 0 else ()
@@ -522,7 +522,7 @@ class KDN:
         return out
 
     def _prepare_prefix(self, prompt: Prompt, stats: PrepareStats) -> KDNCache:
-        units = ([prompt.lead_in] if prompt.lead_in else []) + list(prompt.chunk_ids)
+        units = ([prompt.opener] if prompt.opener else []) + list(prompt.chunk_ids)
         keys, contexts, ctx = [], [], []
         for ids in units:
             keys.append(self.chunk_key(ids, kind="prefix", context=ctx))

@@ -3,7 +3,7 @@
 Each chunk (a string, or a sequence of token ids) is tokenized on its own,
 without special tokens, so its ids (and therefore its store key) are the same
 wherever it sits. If the tokenizer starts sequences with BOS, BOS becomes the
-*lead-in*: it opens the prompt, and every chunk's KV is computed after it,
+*opener*: it opens the prompt, and every chunk's KV is computed after it,
 because the first token of a sequence is an attention sink that a chunk
 computed alone would otherwise make of its own first token.
 
@@ -22,33 +22,33 @@ Chunk = "str | Sequence[int]"
 
 @dataclass(frozen=True)
 class Prompt:
-    """lead_in: ids before the first chunk (BOS or nothing).
+    """opener: ids before the first chunk (BOS or nothing).
     chunk_ids: one id list per chunk, in prompt order.
     spans: (start, end) of each chunk in prompt_ids."""
 
-    lead_in: tuple[int, ...]
+    opener: tuple[int, ...]
     chunk_ids: tuple[tuple[int, ...], ...]
 
     @property
     def prompt_ids(self) -> list[int]:
-        out = list(self.lead_in)
+        out = list(self.opener)
         for ids in self.chunk_ids:
             out.extend(ids)
         return out
 
     @property
     def spans(self) -> list[tuple[int, int]]:
-        spans, at = [], len(self.lead_in)
+        spans, at = [], len(self.opener)
         for ids in self.chunk_ids:
             spans.append((at, at + len(ids)))
             at += len(ids)
         return spans
 
     def __len__(self) -> int:
-        return len(self.lead_in) + sum(len(c) for c in self.chunk_ids)
+        return len(self.opener) + sum(len(c) for c in self.chunk_ids)
 
 
-def lead_in_ids(tokenizer) -> tuple[int, ...]:
+def opener_ids(tokenizer) -> tuple[int, ...]:
     """(BOS,) if the tokenizer puts BOS before a sequence, else ()."""
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -86,7 +86,7 @@ def build_prompt(tokenizer, chunks, *, max_positions: int | None = None, reserve
         )
     if len(chunks) == 0:
         raise InputError("chunks is empty: pass at least one chunk, e.g. [document, question]")
-    prompt = Prompt(lead_in_ids(tokenizer), tuple(tokenize_chunk(tokenizer, c, i) for i, c in enumerate(chunks)))
+    prompt = Prompt(opener_ids(tokenizer), tuple(tokenize_chunk(tokenizer, c, i) for i, c in enumerate(chunks)))
     if max_positions is not None and len(prompt) + reserve > max_positions:
         raise ContextTooLongError(
             f"the prompt has {len(prompt)} tokens and {reserve} more are to be generated, but the model's context "
@@ -114,6 +114,6 @@ def chat_chunks(tokenizer, system: str, documents: Sequence[str], question: str)
     )
     head, rest = rendered.split(sys_mark)
     middle, tail = rest.split(user_mark)
-    if head.startswith(getattr(tokenizer, "bos_token", None) or "\x01") and lead_in_ids(tokenizer):
-        head = head[len(tokenizer.bos_token):]  # BOS is the lead-in, added by the engine
+    if head.startswith(getattr(tokenizer, "bos_token", None) or "\x01") and opener_ids(tokenizer):
+        head = head[len(tokenizer.bos_token):]  # BOS is the opener, added by the engine
     return [head + system.rstrip() + "\n\n", *docs, middle + question.strip() + tail]
