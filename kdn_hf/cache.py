@@ -1,6 +1,10 @@
 """KDNCache: a transformers ``DynamicCache`` pre-filled with composed chunk KV.
 
-``KDN.prepare`` builds one; pass it to stock ``model.generate`` (under
+    cache = KDNCache(kdn, chunks=[system, doc_a, doc_b])      # prepared from the store (= kdn.prepare)
+    model.generate(ids, past_key_values=cache, max_new_tokens=64)   # `cache=` on transformers >= 5.24
+
+``KDNCache(kdn, chunks, **options)`` and ``KDN.prepare(chunks, **options)`` build
+the same cache; pass it to stock ``model.generate`` (under
 ``past_key_values=``, or ``cache=`` on transformers >= 5.24) together with
 prompt ids that *extend* the ids it covers: generate then prefills only the
 uncovered tail, at the right positions, because ``get_seq_length()`` reports
@@ -147,6 +151,10 @@ class KDNLayer(DynamicLayer):
 class KDNCache(DynamicCache):
     """The composed KV of a prompt's chunks, usable wherever transformers takes a Cache.
 
+    ``KDNCache(kdn, chunks, **options)``: prepared from ``kdn``'s store, exactly as
+    ``kdn.prepare(chunks, **options)`` (``mode``, ``recompute_ratio``, ``selection``, ``query``,
+    ``reserve``). The other form takes the KV itself:
+
     kv:          [layers, 2, kv_heads, tokens, head_dim] (batch 1), model dtype and device.
     positions:   [tokens] int64, the position each K is rotated to (0..tokens-1 for a prompt).
     token_ids:   [tokens] int64, the ids the cache was prepared from.
@@ -164,7 +172,21 @@ class KDNCache(DynamicCache):
 
     def __init__(self, kv: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                  token_ids: torch.Tensor | None = None, chunk_spans: Sequence[tuple[int, int]] = (),
-                 stats: Any = None, capacity: torch.Tensor | None = None) -> None:
+                 stats: Any = None, capacity: torch.Tensor | None = None, *, chunks: Sequence | None = None,
+                 **prepare_options) -> None:
+        if kv is not None and not isinstance(kv, torch.Tensor):  # KDNCache(kdn, chunks=[...])
+            if not callable(getattr(kv, "prepare", None)):
+                raise TypeError(f"KDNCache takes a KDN (and chunks=[...]) or a kv tensor, got {type(kv).__name__}")
+            if chunks is None:
+                chunks = positions  # KDNCache(kdn, [doc, ...])
+            if chunks is None:
+                raise TypeError("KDNCache(kdn, chunks=[...]) needs the chunks to prepare, e.g. chunks=[system, doc]")
+            prepared = kv.prepare(chunks, **prepare_options)
+            self.__dict__.update(vars(prepared))
+            return
+        if chunks is not None or prepare_options:
+            raise TypeError(f"chunks= and prepare options go with KDNCache(kdn, chunks=...), not with a kv tensor; "
+                            f"got {sorted(prepare_options) + (['chunks'] if chunks is not None else [])}")
         super().__init__()
         self.layer_class_to_replicate = KDNLayer
         self.chunk_spans = [tuple(s) for s in chunk_spans]

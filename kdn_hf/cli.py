@@ -214,7 +214,7 @@ def cmd_bench(args) -> int:
 def cmd_bench_store(args) -> int:
     """``kdn bench --codec ...`` / ``kdn bench-store``: bytes/token, decode, KL, TTFT per store, ingest."""
     from kdn_hf import models
-    from kdn_hf.bench.delivery import CODECS, format_table, run_delivery_bench
+    from kdn_hf.bench.storage import CODECS, format_table, run_delivery_bench
     from kdn_hf.bench.run import write_json
 
     codecs = _names(args.codec or ",".join(CODECS))

@@ -33,14 +33,14 @@ def prefill(model, ids: torch.Tensor, positions: torch.Tensor, cache=None):
     return output_cache(out), out.logits[0, -1]
 
 
-def compute_chunk_kv(model, ids: torch.Tensor, *, lead_in: torch.Tensor | None = None) -> ChunkKV:
-    """A chunk's KV computed on its own, after ``lead_in`` (e.g. BOS) if given.
+def compute_chunk_kv(model, ids: torch.Tensor, *, context: torch.Tensor | None = None) -> ChunkKV:
+    """A chunk's KV computed on its own, after ``context`` (e.g. BOS, or BOS + a lead-in) if given.
 
-    ids: [tokens] int64. lead_in: [l] int64 or None. The chunk's positions are
-    l..l+tokens-1; the lead-in's own KV is not part of the result.
+    ids: [tokens] int64. context: [l] int64 or None. The chunk's positions are
+    l..l+tokens-1; the context's own KV is not part of the result.
     """
-    l = 0 if lead_in is None else lead_in.numel()
-    full = ids if not l else torch.cat([lead_in, ids])
+    l = 0 if context is None else context.numel()
+    full = ids if not l else torch.cat([context, ids])
     cache, _ = prefill(model, full, torch.arange(full.numel()))
     return ChunkKV(
         kv=stack_cache(cache, l).contiguous(),

@@ -39,9 +39,8 @@ def run_demo(store=None, model: str = "smollm2-135m", reps: int = 3) -> list[dic
     data = demo_data()
     qa = data["questions"][1]
     chunks = demo_prompt(kdn.tokenizer, data, qa["q"])
-    for ids_text in chunks[:-1]:  # make the first reuse run cold
-        ids = kdn.tokenizer(ids_text, add_special_tokens=False)["input_ids"]
-        kdn.store.delete(kdn.chunk_key(ids, context=kdn.context_of(ids)))
+    for chunk in chunks[:-1]:  # make the first reuse run cold
+        kdn.store.delete(kdn.key_for(chunk))
     tiers = ", ".join(f"{t.name}" for t in kdn.store.tiers)
     print(f"store: {tiers} ({', '.join(str(getattr(t, 'root', 'memory')) for t in kdn.store.tiers)})")
     print(f"prompt: {len(chunks) - 1} chunks + question\n")

@@ -25,15 +25,15 @@ for n in t: print(codec, n, "TTFT median ms", round(statistics.median(t[n]) * 10
 # ingest (int4 on disk) vs raw prefill, alternating
 if len(sys.argv) > 3:
     kd = KDN(model, tok, store=d + "/ing", codec=sys.argv[3])
-    lead = torch.tensor(kd.lead_in) if kd.lead_in else None
+    context = torch.tensor(kd.opener + kd.lead_in) if kd.opener + kd.lead_in else None
     ing, pf = [], []
     for r in range(int(sys.argv[4])):
         for dd in docs:
-            kd.store.delete(kd.chunk_key(dd, context=kd.lead_in))
+            kd.store.delete(kd.key_for(dd))
         t0 = time.perf_counter(); kd.ingest(docs, progress=False); ing.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for dd in docs: compute_chunk_kv(model, torch.tensor(dd), lead_in=lead)
+            for dd in docs: compute_chunk_kv(model, torch.tensor(dd), context=context)
         pf.append(time.perf_counter() - t0)
     n = sum(map(len, docs))
     print(sys.argv[3], "disk ingest tok/s", round(n / statistics.median(ing)), "prefill tok/s", round(n / statistics.median(pf)), "ratio(median)", round(statistics.median(pf) / statistics.median(ing), 3), "ratio(min)", round(min(pf) / min(ing), 3), ing, pf, flush=True)

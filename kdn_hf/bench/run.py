@@ -66,12 +66,9 @@ def _chunk_lists(case: RagCase):
 
 
 def _drop_prefix_entries(kdn, chunks) -> None:
-    ctx: list[int] = list(kdn.lead_in)
-    units = list(chunks)
-    for i, ids in enumerate(units):
-        if i > 0:  # keep the system prompt's entry: the prefix cache is warm for it
-            kdn.store.delete(kdn.chunk_key(ids, kind="prefix", context=ctx))
-        ctx += list(ids)
+    units = kdn.plan(chunks, mode="prefix")[1 if kdn.opener else 0:]
+    for unit in units[1:]:  # keep the opener's and the system prompt's entries: the prefix cache is warm for them
+        kdn.store.delete(unit.key)
 
 
 def time_methods(kdn, methods: list[Method], cases: list[RagCase], reps: int) -> dict[str, dict]:
@@ -107,7 +104,7 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
         ctx = _chunk_lists(case)[:-1]
         full = kdn.prepare(ctx, mode="full")
         cont = greedy(model, full, list(case.suffix), tf_tokens)
-        _crop(full, sum(len(c) for c in ctx) + len(kdn.lead_in))
+        _crop(full, sum(len(c) for c in ctx) + len(kdn.opener))
         ref = score(model, tok, full, case.suffix, cont, case.answers)
         for m in methods:
             if m.mode == "prefix":  # exact prefix KV: full prefill's quality by construction

@@ -141,9 +141,8 @@ class KDNSelection(Selection):
     the model's depth (for 30 layers: after the 0-based layers 4, 8, 12, 16 and 20), only the ``narrow_keep``
     share of the context rows still being recomputed whose K+V deviates most from the reused KV at
     that layer go on; the others keep their reused KV in the layers above. With the defaults, 44% of
-    the selected tokens reach the top third of the model. On 16 dev questions it cost little
-    quality (first-token KL 0.0265 -> 0.0288, cacheblend: 0.0755) and saved about 200 ms of the
-    ~900 ms blend (numbers in ``kdn_hf/blend/__init__.py``). ``narrow_depths=()`` turns it off.
+    the selected tokens reach the top third of the model (measurements: the README's "How the
+    blend defaults were chosen"). ``narrow_depths=()`` turns it off.
     The question rows are never narrowed, and a ratio of 1 (every token selected) is not narrowed,
     so it stays exact.
     """

@@ -265,7 +265,7 @@ def test_lead_in_precompute_makes_the_chunk_after_it_exact(smol, docs, tmp_path)
     doc = docs[1] + "\n\n"
     assert led.ingest([doc]) != plain.ingest([doc])
     sys_ids = tok(system, add_special_tokens=False)["input_ids"]
-    assert led.context_of(sys_ids) == led.lead_in and led.context_of([1, 2]) == led.lead_in + tuple(sys_ids)
+    assert led.policy.context_of(sys_ids) == led.opener and led.policy.context_of([1, 2]) == led.opener + tuple(sys_ids)
     full = stack_cache(led.prepare([system, doc], mode="full"))
     for k in (led, plain):
         k.ingest([system, doc], progress=False)

@@ -37,7 +37,7 @@ def _layout(docs) -> list[str]:
 
 def _miss_key(kdn, docs) -> str:
     ids = kdn.tokenizer(docs[1] + "\n\n", add_special_tokens=False)["input_ids"]
-    return kdn.chunk_key(ids, context=kdn.lead_in)
+    return kdn.key_for(ids)
 
 
 def _kv(cache) -> torch.Tensor:
@@ -50,15 +50,25 @@ def _stats(cache) -> dict:
                                        "tokens_recomputed", "tokens_total")}
 
 
+_TWINS: dict = {}
+
+
+def _on_path(kdn, layerwise: bool):
+    """``kdn`` itself, or a KDN over the same model and store composing the other way (``layerwise``)."""
+    if kdn.layerwise == layerwise:
+        return kdn
+    key = (id(kdn), layerwise)
+    if key not in _TWINS or _TWINS[key][0] is not kdn:
+        twin = KDN(kdn.model, kdn.tokenizer, store=kdn.store, codec=kdn.codec, layerwise=layerwise)
+        _TWINS[key] = (kdn, twin)
+    return _TWINS[key][1]
+
+
 def _prepare(kdn, chunks, layerwise: bool, miss_key: str | None, **kw):
     """prepare() on a given path, with ``miss_key`` deleted first so both paths see the same store."""
     if miss_key is not None:
         kdn.store.delete(miss_key)
-    kdn.layerwise = layerwise
-    try:
-        return kdn.prepare(chunks, **kw)
-    finally:
-        del kdn.layerwise
+    return _on_path(kdn, layerwise).prepare(chunks, **kw)
 
 
 def _no_composer_left() -> bool:
@@ -90,14 +100,11 @@ def test_layerwise_generate_answers_like_whole_chunk(stored, docs):
     chunks = [d[0], d[1], d[3], Q]  # hits only: the store is the same for both paths
     kdn = stored
     for kw in (dict(mode="reuse"), dict(mode="blend", recompute_ratio=0.15)):
-        kdn.layerwise = False
-        old = kdn.generate(chunks, max_new_tokens=6, **kw)
-        kdn.layerwise = True
-        new = kdn.generate(chunks, max_new_tokens=6, **kw)
+        old = _on_path(kdn, False).generate(chunks, max_new_tokens=6, **kw)
+        new = _on_path(kdn, True).generate(chunks, max_new_tokens=6, **kw)
         assert new.token_ids == old.token_ids
         assert (new.stats.hits, new.stats.bytes_loaded, new.stats.tokens_reused) == (
             old.stats.hits, old.stats.bytes_loaded, old.stats.tokens_reused)
-    del kdn.layerwise
 
 
 @pytest.mark.parametrize("stored", ["none", "int4"], indirect=True)
@@ -109,7 +116,7 @@ def test_entry_failing_mid_compose_answers_like_a_miss(stored, docs, kw, bad_lay
     those of the path where that entry was a miss from the start."""
     kdn, chunks, miss = stored, _layout(docs), _miss_key(stored, docs)
     ids0 = kdn.tokenizer(docs[0] + "\n\n", add_special_tokens=False)["input_ids"]
-    victim = kdn.chunk_key(ids0, context=kdn.lead_in)
+    victim = kdn.key_for(ids0)
     # the reference: the victim (and doc 1) missing, so both are computed afresh, whole-chunk path
     kdn.store.delete(victim)
     want = _prepare(kdn, chunks, False, miss, **kw)

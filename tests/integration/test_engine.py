@@ -9,14 +9,16 @@ from kdn_hf import KDN, KDNCache
 from kdn_hf.errors import ConfigError, KDNCacheError
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
+from kdn_hf.pipeline import Request, prepare_prompt
 from kdn_hf.rope import rerotate
+from kdn_hf.store_back import StoreBack
 
 SYSTEM = "You are a helpful assistant. Answer the question using the documents.\n\n"
 
 
 def _lead(kdn) -> int:
     """1 if the tokenizer starts sequences with BOS (the lead-in is then one more stored unit)."""
-    return 1 if kdn.lead_in else 0
+    return 1 if kdn.opener else 0
 
 
 def _plain_greedy(model, ids, n):
@@ -84,8 +86,8 @@ def test_reuse_equals_cold_for_any_order_miss_and_repeat(kdn, docs):
         cache = kdn.prepare(chunks[:-1], mode="reuse")
         for (s, e), text in zip(cache.chunk_spans, chunks[:-1]):
             ids = torch.tensor(kdn.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if kdn.lead_in:  # chunks are computed after BOS: compare with that computation, moved to s..e
-                ref = compute_chunk_kv(kdn.model, ids, lead_in=torch.tensor(kdn.lead_in))
+            if kdn.opener:  # chunks are computed after BOS: compare with that computation, moved to s..e
+                ref = compute_chunk_kv(kdn.model, ids, context=torch.tensor(kdn.opener))
                 k = rerotate(ref.keys, ref.positions, torch.arange(s, e), kdn.rope_spec)
                 want = torch.stack([k, ref.values], dim=1)
             else:  # a chunk alone at s..e: its KV must equal a fresh forward at those positions
@@ -241,10 +243,15 @@ def test_store_blends_serves_the_same_prompt_as_one_hit(smol, docs, tmp_path):
     # the stored KV is the blend's, bit for bit
     prompt = build_prompt(tok, ctx + [q1], max_positions=kdn.max_positions)
     n = len(prompt.chunk_ids) - 1
-    hit = kdn._prepare(prompt, n, "blend", 0.15, "kdn", query=prompt.chunk_ids[-1], keep_query=True)
+    def prepare(k):
+        with StoreBack(k.store, k.policy.fingerprint, k.codec) as writes:
+            return prepare_prompt(k, Request(prompt, n, "blend", 0.15, "kdn", writes, query=prompt.chunk_ids[-1],
+                                             keep_query=True))
+
+    hit = prepare(kdn)
     assert hit.stats.tokens_recomputed == 0
     plain = KDN(model, tok, store=tmp_path / "store")  # store_blends off: blends every time
-    fresh = plain._prepare(prompt, n, "blend", 0.15, "kdn", query=prompt.chunk_ids[-1], keep_query=True)
+    fresh = prepare(plain)
     assert fresh.stats.tokens_recomputed > 0
     assert torch.equal(stack_cache(hit), stack_cache(fresh))
     # a different question, ratio or selection is a different prompt or blend

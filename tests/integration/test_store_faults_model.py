@@ -111,7 +111,7 @@ def test_redis_killed_answers_like_recompute(smol, chunks, reference, own_redis)
     kdn = KDN(model, tok, store=own_redis.url(timeout=0.2, breaker=1))
     kdn.ingest(chunks[:-1])
     warm = kdn.generate(chunks, max_new_tokens=N_NEW, mode="reuse")
-    assert warm.token_ids == reference and warm.stats.hits == {"redis": 3 + (1 if kdn.lead_in else 0)}
+    assert warm.token_ids == reference and warm.stats.hits == {"redis": 3 + (1 if kdn.opener else 0)}
     os.kill(own_redis.proc.pid, signal.SIGKILL)
     own_redis.proc.wait()
     res = kdn.generate(chunks, max_new_tokens=N_NEW, mode="reuse")

@@ -40,25 +40,24 @@ import torch.nn.functional as F
 
 from kdn_hf.bench.quality import _crop, _forward
 from kdn_hf.bench.workload import rag_cases
-from kdn_hf.compute import compute_chunk_kv
+from kdn_hf.pipeline import compute_unit
 from kdn_hf.store.entry import decode_entry, encode_entry
 
 CODECS = ("none", "fp16", "int8", "int4", "entropy")
 
 
-def _units(kdn, context) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(ids, computed-after context) of every stored unit of a context, as _prepare_reuse makes them."""
-    lead = tuple(kdn.lead_in)
-    return ([(lead, ())] if lead else []) + [(tuple(c), lead) for c in context]
+def _units(kdn, context):
+    """The stored units (opener included) of a prompt made of ``context``, as ``reuse`` looks them up."""
+    return kdn.plan([list(c) for c in context], mode="reuse")
 
 
 def _transcode(src, dst, context) -> None:
     """Store src's uncompressed entries of ``context`` into dst with dst's codec (no recompute)."""
-    for ids, ctx in _units(src, context):
-        chunk = src.store.get(src.chunk_key(ids, context=ctx), src.fingerprint.digest).chunk
+    for s, d in zip(_units(src, context), _units(dst, context)):
+        chunk = src.store.get(s.key, src.fingerprint.digest).chunk
         if chunk is None:
             raise RuntimeError("transcode source entry missing; ingest it first")
-        dst.store.put(dst.chunk_key(ids, context=ctx), chunk, dst.fingerprint.digest, codec=dst.codec)
+        dst.store.put(d.key, chunk, dst.fingerprint.digest, codec=dst.codec)
 
 
 @torch.no_grad()  # not inference_mode: prepare may compose on another thread, outside this one's mode
@@ -93,16 +92,14 @@ def _summary(name: str, xs: list[float]) -> dict:
 def codec_sizes_and_decode(base, kdns: dict, context, reps: int) -> dict[str, dict]:
     """Per codec: entry bytes/token of one prompt's units, and decode throughput of those entries
     (median of ``reps`` passes over all of them, after one untimed warm-up pass)."""
-    chunks = [(ids, ctx, base.store.get(base.chunk_key(ids, context=ctx), base.fingerprint.digest).chunk)
-              for ids, ctx in _units(base, context)]
+    chunks = [base.store.get(u.key, base.fingerprint.digest).chunk for u in _units(base, context)]
     out = {}
     for codec, kc in kdns.items():
         entries = []
-        for ids, ctx, chunk in chunks:
-            key = kc.chunk_key(ids, context=ctx)
-            entries.append((key, encode_entry(key, chunk, kc.fingerprint.digest, codec)))
+        for unit, chunk in zip(_units(kc, context), chunks):
+            entries.append((unit.key, encode_entry(unit.key, chunk, kc.fingerprint.digest, codec)))
         size = sum(len(d) for _, d in entries)
-        toks = sum(len(ids) for ids, _, _ in chunks)
+        toks = sum(c.num_tokens for c in chunks)
 
         def decode_all(entries=entries, fingerprint=kc.fingerprint.digest):
             for key, data in entries:
@@ -184,16 +181,16 @@ def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int =
             # ingest vs raw prefill, alternating so machine noise hits both alike
             ingest_t, prefill_t = [], []
             for _ in range(ingest_rounds):
-                for ids, ctx in _units(kdn, case.context):
-                    kdn.store.delete(kdn.chunk_key(ids, context=ctx))
+                for unit in _units(kdn, case.context):
+                    kdn.store.delete(unit.key)
                 t0 = time.perf_counter()
                 kdn.ingest(docs, progress=False)
                 ingest_t.append(time.perf_counter() - t0)
-                lead = torch.tensor(kdn.lead_in, dtype=torch.long) if kdn.lead_in else None
+                units = _units(kdn, case.context)[1 if kdn.opener else 0:]
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    for d in docs:
-                        compute_chunk_kv(model, torch.tensor(d, dtype=torch.long), lead_in=lead)
+                    for unit in units:
+                        compute_unit(model, unit)
                 prefill_t.append(time.perf_counter() - t0)
             n_tok = sum(len(d) for d in docs)
             kdn.generate(chunks, max_new_tokens=1, mode="reuse")  # every unit stored (the lead-in too), warm
