@@ -329,3 +329,22 @@ def test_bad_inputs_raise_clear_errors():
         _spec(layout="gptj")
     with pytest.raises(ConfigError, match="rotary_dim"):
         _spec(rotary_dim=16, head_dim=12)
+
+
+def test_the_rope_package_has_no_import_cycles():
+    # spec <- rotate, spec <- probe <- config; nothing in it imports the package itself.
+    import ast
+    import pathlib
+
+    import kdn_hf.rope
+
+    allowed = {"spec": set(), "rotate": {"spec"}, "probe": {"spec"}, "config": {"spec", "probe"}}
+    root = pathlib.Path(kdn_hf.rope.__file__).parent
+    for name, deps in allowed.items():
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {
+            node.module.removeprefix("kdn_hf.rope").lstrip(".") or "<package>"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kdn_hf.rope")
+        }
+        assert imported <= deps, f"kdn_hf/rope/{name}.py imports {sorted(imported - deps)}"
