@@ -85,9 +85,11 @@ def cmd_store_stats(args) -> int:
     if args.json:
         print(json.dumps(stats, indent=1))
         return 0
-    for name, st in stats.items():
+    for (name, st), tier in zip(stats.items(), store.tiers):
         print(f"{name:10s} {st['entries']:6d} entries  {st['bytes_used'] / 2**20:9.1f} MiB used of "
-              f"{st['byte_budget'] / 2**20:.0f} MiB")
+              f"{st['byte_budget'] / 2**20:.0f} MiB"
+              + (f"  {st['repairs']} repair(s) on open" if st["repairs"] else "")
+              + (f"  NOT READABLE: {tier.unreadable}" if tier.unreadable else ""))
     return 0
 
 
@@ -128,16 +130,27 @@ def cmd_store_verify(args) -> int:
     fingerprint = None
     if args.model:
         from kdn_hf import models
-        from kdn_hf.fingerprint import model_fingerprint
+        from kdn_hf.errors import ModelLoadError
+        from kdn_hf.fingerprint import fingerprint_from_checkpoint, model_fingerprint
 
-        fingerprint = model_fingerprint(models.load(args.model)[0]).digest
+        try:  # the checkpoint gives the loaded model's fingerprint without loading it
+            fingerprint = fingerprint_from_checkpoint(models.resolve(args.model), "float32").digest
+        except ModelLoadError:
+            fingerprint = model_fingerprint(models.load(args.model)[0]).digest
     store = open_store(args.store)
     report = store.verify(fingerprint, remove=not args.keep)
+    for tier, n in report.repairs:
+        print(f"{tier:8s} repaired on open: {n} (a damaged store marker was rewritten; entries are verified below)")
+    for tier, why in report.unreadable:
+        print(f"{tier:8s} NOT READABLE by this version: {why}; its entries were not checked, and it is served "
+              "as all-miss and never written")
     for tier, key, reason in report.bad:
         print(f"{tier:8s} {key}  {'kept' if args.keep else 'removed'}: {reason}")
     print(f"checked {report.checked} entries: {len(report.bad)} bad"
+          + (f", {len(report.unreadable)} tier(s) not readable" if report.unreadable else "")
+          + (f", {sum(n for _, n in report.repairs)} repair(s)" if report.repairs else "")
           + ("" if fingerprint else " (fingerprints not checked: pass --model to check them)"), file=sys.stderr)
-    return 1 if report.bad else 0
+    return 1 if report.bad or report.unreadable else 0
 
 
 def cmd_store_gc(args) -> int:
@@ -271,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=0, help="list at most this many per tier (0: all)")
     _common(q, model=False)
     q.set_defaults(func=cmd_store_ls)
-    q = ssub.add_parser("verify", help="read every entry, check checksum/key/codec/shape; remove bad ones (exit 1 if any)")
+    q = ssub.add_parser("verify", help="read every entry, check checksum/key/codec/shape; remove bad ones; report "
+                        "repaired and unreadable (newer-format) tiers (exit 1 if an entry is bad or a tier unreadable)")
     q.add_argument("--model", default=None, help="also check fingerprints against this model")
     q.add_argument("--keep", action="store_true", help="report bad entries without removing them")
     _common(q, model=False)

@@ -86,6 +86,7 @@ class TierStats:
     errors: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    repairs: int = 0  # damage to the tier's own structure fixed on open (a disk store's marker)
 
     def as_dict(self) -> dict[str, int | str]:
         return dict(self.__dict__)
@@ -99,6 +100,9 @@ class StorageTier(ABC):
     #: True when the tier itself enforces ``byte_budget`` with exact LRU order
     #: (memory, disk); False when a server does its own eviction (redis)
     exact_budget: bool = True
+    #: why the tier serves nothing and stores nothing (a disk store written by a newer kdn_hf),
+    #: None when it works; set when the tier is opened
+    unreadable: str | None = None
 
     @abstractmethod
     def get(self, key: str) -> bytes | None: ...

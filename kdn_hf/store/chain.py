@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
@@ -48,10 +48,14 @@ WRITE_POLICIES = ("through", "back")
 
 @dataclass
 class VerifyReport:
-    """What ``KVStore.verify`` found: entries checked and bad ones (tier name, key, reason)."""
+    """What ``KVStore.verify`` found: entries checked and bad ones (tier name, key, reason); tiers whose
+    own structure was repaired when opened (tier name, repairs); tiers this version cannot read at all
+    (tier name, why: a store of a newer format)."""
 
     checked: int = 0
     bad: list[tuple[str, str, str]] = None  # type: ignore[assignment]
+    repairs: list[tuple[str, int]] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.bad = [] if self.bad is None else self.bad
@@ -151,10 +155,16 @@ class KVStore:
     def verify(self, fingerprint: str | None = None, *, remove: bool = True) -> VerifyReport:
         """Read every entry of every tier and check it (checksum, key, codec, shapes, and
         ``fingerprint`` when given); bad entries are counted as corrupt and, with
-        ``remove``, deleted. For ``kdn store verify``."""
+        ``remove``, deleted. Also reports the tiers repaired on open and those this version
+        cannot read. For ``kdn store verify``."""
         report = VerifyReport()
         self.flush()
         for name, tier in zip(self.names, self.tiers):
+            if tier.unreadable:
+                report.unreadable.append((name, tier.unreadable))
+            repairs = tier.stats().repairs
+            if repairs:
+                report.repairs.append((name, repairs))
             for key in list(tier.keys()):
                 data = tier.peek(key)
                 if data is None:

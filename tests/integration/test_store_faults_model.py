@@ -144,3 +144,22 @@ def test_codecs_end_to_end(smol, chunks, codec):
     kl = torch.sum(p.exp() * (p - q)).item()
     assert kl < 0.02, f"{codec}: first-token KL {kl:.4f} vs uncompressed"
     assert p.argmax() == q.argmax()
+
+
+def test_a_damaged_store_marker_is_healed_and_the_request_answered(smol, tmp_path, chunks, reference):
+    """Bit flips in the disk store's marker used to make KDN(...) raise; now the marker is rewritten
+    (a counted repair) and the stored chunks are hits."""
+    model, tok = smol
+    root = tmp_path / "store"
+    KDN(model, tok, store=root).ingest(chunks[:-1])
+    marker = root / "KDN_STORE"
+    data = bytearray(marker.read_bytes())
+    for pos in (0, 3, 9, 14):  # "kdn_hf store format" -> garbage, as a disk fault would leave it
+        data[pos] ^= 0x44
+    marker.write_bytes(bytes(data))
+    kdn = KDN(model, tok, store=root)
+    assert kdn.store.tiers[0].stats().repairs == 1
+    res = kdn.generate(chunks, max_new_tokens=N_NEW, mode="reuse")
+    assert res.token_ids == reference
+    assert res.stats.hits == {"disk": len(chunks) - 1} and res.stats.misses == 0  # every document from the store
+    assert marker.read_text().startswith("kdn_hf store format 1")

@@ -145,10 +145,6 @@ def test_bad_roots(tmp_path, monkeypatch):
     (tmp_path / "docs" / "notes.txt").write_text("mine")
     with pytest.raises(StoreError, match="not a kdn_hf store"):
         DiskTier(tmp_path / "docs", SIZE)
-    (tmp_path / "future").mkdir()
-    (tmp_path / "future" / "KDN_STORE").write_text("kdn_hf store format 99\n")
-    with pytest.raises(StoreError, match="format '99'"):
-        DiskTier(tmp_path / "future", SIZE)
     monkeypatch.setattr(disk_module.os, "access", lambda path, mode: False)
     with pytest.raises(StoreError, match="not writable"):
         DiskTier(tmp_path / "ro", SIZE)

@@ -1,10 +1,16 @@
-"""Reading a model's RoPE into a :class:`~kdn_hf.rope.RopeSpec`, generically.
+"""Reading a model's RoPE into a :class:`~kdn_hf.rope.spec.RopeSpec`, generically.
 
 Frequencies come from the model's own rotary module (its ``original_inv_freq``
 or ``inv_freq`` buffers; GPT-J's are recovered from its sin/cos table), the
 pair layout from the module's cos/sin output, and the config supplies only
-geometry, layer types and the rope type. Rope types whose frequencies depend
-on the sequence length are refused with :class:`UnsupportedRopeError`.
+geometry, layer types and the rope type; nothing here is a per-architecture
+table. Rope types whose frequencies depend on the sequence length are refused
+with :class:`UnsupportedRopeError`.
+
+One convention cannot be seen in the module's output: a module that returns
+one cos/sin per frequency leaves the pairing to the attention code, and a
+modeling file defining ``rotate_every_two`` (GPT-J, CodeGen) means neighbours
+pair up.
 """
 
 from __future__ import annotations
@@ -16,15 +22,17 @@ import sys
 import torch
 
 from kdn_hf.errors import UnsupportedRopeError
-from kdn_hf.rope import BOUNDED_ROPE_TYPES, RopeFrequencies, RopeSpec, STATIC_ROPE_TYPES, _REFUSE_HINT
+from kdn_hf.rope.spec import BOUNDED_ROPE_TYPES, REFUSE_HINT, STATIC_ROPE_TYPES, RopeFrequencies, RopeSpec
 
 
-def _text_config(config):
+def text_config(config):
+    """The text part of a (possibly multimodal) transformers config."""
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
 
 
-def _find_rotary_module(model) -> torch.nn.Module:
+def find_rotary_module(model) -> torch.nn.Module:
+    """The rotary embedding module the text layers of ``model`` use (a meta-device skeleton will do)."""
     found = [
         (name, m) for name, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")
     ]
@@ -127,12 +135,12 @@ def _refuse(rope_type: str, where: str) -> None:
             f"{where} uses rope_type={rope_type!r} (dynamic NTK): its frequencies are recomputed from the "
             "sequence length (and kept as module state), so K stored from a chunk need not carry the "
             "frequencies the composed prompt will use, and no rotation by a position delta makes it "
-            f"exact; {_REFUSE_HINT}"
+            f"exact; {REFUSE_HINT}"
         )
     if rope_type not in STATIC_ROPE_TYPES | BOUNDED_ROPE_TYPES:
         raise UnsupportedRopeError(
             f"{where} uses rope_type={rope_type!r}, which kdn_hf does not know to have frequencies "
-            f"independent of the sequence length; {_REFUSE_HINT}"
+            f"independent of the sequence length; {REFUSE_HINT}"
         )
 
 
@@ -146,8 +154,14 @@ def rope_spec_from_model(model) -> RopeSpec:
     UnsupportedRopeError for models without RoPE, dynamic NTK, multimodal (mrope)
     positions, unknown rope types or unreadable rotary modules.
     """
-    tc = _text_config(model.config)
-    where = f"{type(model).__name__}"
+    where = type(model).__name__
+    check_rope_config(model.config, where)
+    return spec_from_rotary_module(find_rotary_module(model), model.config, where)
+
+
+def check_rope_config(config, where: str) -> None:
+    """Raise UnsupportedRopeError for what the config alone shows cannot be re-rotated."""
+    tc = text_config(config)
     top = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
     nested = [v for v in top.values() if isinstance(v, dict)] if isinstance(top, dict) else []
     for params in [top, *nested] if isinstance(top, dict) else []:
@@ -159,7 +173,14 @@ def rope_spec_from_model(model) -> RopeSpec:
         if "rope_type" in params:
             _refuse(str(params["rope_type"]), where)
 
-    module = _find_rotary_module(model)
+
+def spec_from_rotary_module(module: torch.nn.Module, config, where: str) -> RopeSpec:
+    """The RopeSpec of a model with ``config`` whose text layers use rotary ``module``.
+
+    Shared by ``rope_spec_from_model`` (the model's own module) and ``rope_spec_from_config``
+    (a module of the same class built from the config), so both read a model the same way.
+    """
+    tc = text_config(config)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     num_layers = tc.num_hidden_layers
     module_types = getattr(module, "rope_type", None)
