@@ -2,7 +2,7 @@
 
 Installed as ``kdn_hf.kernels`` (the folder sits at the top of the repository). One wrapper per op
 validates shapes, dtypes and devices, allocates the output and dispatches
-``backend="auto" | "torch" | "triton"`` through :func:`kdn_hf.kernels.backend.resolve`
+``backend="auto" | "torch" | "triton"`` through :func:`kdn_hf.kernels.dispatch.resolve`
 (auto: Triton on CUDA when it imports, torch otherwise):
 
 - :func:`rerotate`: post-RoPE K moved to new positions (rotate-half / interleaved, partial rotary,
@@ -19,7 +19,7 @@ are imported only when a Triton backend runs; this package imports only torch an
 """
 
 from kdn_hf.kernels.attention import causal_attention, selected_attention
-from kdn_hf.kernels.backend import BACKENDS, attention_backend, backend, describe, resolve
+from kdn_hf.kernels.dispatch import BACKENDS, attention_backend, backend, describe, resolve
 from kdn_hf.kernels.dequant import QuantKV, decode_rerotate_scatter
 from kdn_hf.kernels.rotary import rerotate
 

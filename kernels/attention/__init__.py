@@ -11,7 +11,7 @@ import torch
 from kdn_hf.errors import InputError
 from kdn_hf.kernels.attention import reference
 from kdn_hf.kernels.attention.flash import causal_attention
-from kdn_hf.kernels.backend import check_device, resolve
+from kdn_hf.kernels.dispatch import check_device, resolve
 
 __all__ = ["causal_attention", "selected_attention"]
 

@@ -3,7 +3,7 @@
 Two masks kdn_hf needs fit flash-attn (>= 2.1, whose causal mask is aligned bottom-right): a
 chunk's own prefill (queries = keys, causal) and a question over cached KV (the queries are the
 last ``rows`` positions of the keys). :func:`causal_attention` takes both; which implementation
-runs is :func:`kdn_hf.kernels.backend.attention_backend`, decided once per process.
+runs is :func:`kdn_hf.kernels.dispatch.attention_backend`, decided once per process.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kdn_hf.errors import ConfigError, InputError
-from kdn_hf.kernels.backend import attention_backend, flash_attn_available
+from kdn_hf.kernels.dispatch import attention_backend, flash_attn_available
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash_attn")
 

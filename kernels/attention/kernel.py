@@ -72,7 +72,7 @@ def selected_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
-    out = acc / l_i[:, None]
+    out = acc / tl.where(r_ok, l_i, 1.0)[:, None]  # rows past the end have no keys
     tl.store(o_ptr + b * so_b + hq[:, None] * so_h + qi[:, None] * so_n + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=r_ok[:, None] & d_ok[None, :])
 

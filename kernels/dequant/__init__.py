@@ -8,7 +8,7 @@ import operator
 import torch
 
 from kdn_hf.errors import InputError
-from kdn_hf.kernels.backend import check_device, resolve
+from kdn_hf.kernels.dispatch import check_device, resolve
 from kdn_hf.kernels.dequant import reference
 from kdn_hf.kernels.dequant.source import QuantKV, bits_of
 from kdn_hf.kernels.rotary import check_delta, check_rope, rope_table

@@ -8,7 +8,7 @@ import operator
 import torch
 
 from kdn_hf.errors import InputError
-from kdn_hf.kernels.backend import check_device, resolve
+from kdn_hf.kernels.dispatch import check_device, resolve
 from kdn_hf.kernels.rotary import reference
 
 LAYOUTS = ("half", "interleaved")
@@ -71,7 +71,7 @@ def rerotate(k: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor,
     layout:   "half" (pairs (i, i + n), rotate_half) or "interleaved" (pairs (2i, 2i + 1)).
     out:      None (a new tensor), a tensor of k's shape and dtype that does not overlap k (e.g. the
               prompt buffer's slots), or k itself (in place).
-    backend:  "auto" | "torch" | "triton" (see ``kdn_hf.kernels.backend``).
+    backend:  "auto" | "torch" | "triton" (see ``kdn_hf.kernels.dispatch``).
     Returns ``out`` (or the new tensor). The torch backend is bit-identical to
     ``kdn_hf.rope.rerotate_layer``; the kernel differs from it by float32 rounding of cos/sin products at most.
     """
