@@ -79,3 +79,24 @@ def test_kernel_tests_pass_in_a_fresh_interpreted_process():
                          cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " skipped" not in out.stdout.splitlines()[-1], out.stdout[-2000:]
+
+
+def test_gpu_check_runs_from_a_checkout_without_install(tmp_path):
+    """kernels/gpu_check.py is run on a GPU machine from the repository, nothing installed: it must
+    find kdn_hf.kernels in the checkout. Here with the environment's own kdn-hf hidden and no CUDA
+    device, it gets as far as saying so."""
+    import shutil
+
+    root = HERE.parents[1]
+    checkout = tmp_path / "checkout"
+    shutil.copytree(root, checkout, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".kdn_home", "bench_out"))
+    hide_install = ("import runpy, sys; "
+                    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+                    "sys.argv = ['kernels/gpu_check.py']; runpy.run_path('kernels/gpu_check.py', run_name='__main__')")
+    env = {**_env_without_interpreter(), "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-c", hide_install], cwd=checkout, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"kdn_hf.kernels from {checkout / 'kernels'}" in out.stdout, out.stdout
