@@ -51,12 +51,17 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """``"torch"`` or ``"triton"``: what runs an op on tensors of ``device`` / ``dtype``.
+def resolve(backend: str, device: torch.device | torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """``"torch"`` or ``"triton"``: what runs an op on tensors of ``device`` / ``dtype`` (or like the
+    tensor passed as ``device``: its device and dtype).
 
     Raises ConfigError for an unknown name or ``"triton"`` without triton installed, and InputError
     for ``"triton"`` on tensors it cannot take (CPU outside the interpreter, float64).
     """
+    if isinstance(device, torch.Tensor):
+        if not device.is_cuda and backend in ("auto", "torch"):  # the CPU path, decided without a device object
+            return "torch"
+        device, dtype = device.device, device.dtype
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -106,7 +111,7 @@ def describe(device: torch.device | str = "cuda", dtype: torch.dtype = torch.bfl
     return {"kernels": resolve("auto", dev, dtype), "attention": attention_backend(dev, dtype)}
 
 
-def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
-    """Raise InputError unless tensor ``name`` is on ``device``."""
-    if t.device != device:
-        raise InputError(f"{name} is on {t.device} but the op runs on {device}; move it there first")
+def check_device(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
+    """Raise InputError unless tensor ``name`` is on the device of ``like``."""
+    if t.is_cuda != like.is_cuda or t.get_device() != like.get_device():
+        raise InputError(f"{name} is on {t.device} but the op runs on {like.device}; move it there first")

@@ -42,7 +42,7 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos:
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise InputError(f"q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, t in (("k", k), ("v", v)):
-        check_device(name, t, q.device)
+        check_device(name, t, q)
     keys = k4.shape[2]
     if not isinstance(q_pos, torch.Tensor) or q_pos.shape != (rows,) or q_pos.is_floating_point() \
             or q_pos.dtype == torch.bool:
@@ -57,8 +57,8 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos:
     if out is not None:
         if out.shape != q.shape or out.dtype != q.dtype:
             raise InputError(f"out must match q: {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
-        check_device("out", out, q.device)
-    which = resolve(backend, q.device, q.dtype)
+        check_device("out", out, q)
+    which = resolve(backend, q)
     if which == "torch" or rows == 0:
         o = reference.selected_attention(q4, k4, v4, q_pos, scale, window)
         o = o[0] if q.dim() == 3 else o

@@ -24,7 +24,7 @@ def _check_dst(name: str, dst: torch.Tensor, src: QuantKV, layers: int) -> None:
         raise InputError(f"{name} must be [layers={layers}, kv_heads={H}, rows, head_dim={D}], got {found}")
     if dst.dtype != src.dtype:
         raise InputError(f"{name} is {dst.dtype} but the entry decodes to {src.dtype}")
-    check_device(name, dst, src.device)
+    check_device(name, dst, src.k_codes)
 
 
 def _check_rows(rows: int | torch.Tensor, tokens: int, capacity: int, device: torch.device) -> int | torch.Tensor:

@@ -23,23 +23,27 @@ def _codes(q: torch.Tensor, bits: int, first: int, count: int) -> torch.Tensor:
     return nibbles[first - 2 * b0 : first - 2 * b0 + count]
 
 
-def _per_element(stat: torch.Tensor, group: int, n: int) -> torch.Tensor:
-    """[..., groups] -> [..., n]: each group's value repeated over its ``group`` elements."""
-    return stat.repeat_interleave(group, dim=-1)[..., :n]
+def _values(codes: torch.Tensor, step: torch.Tensor, mn: torch.Tensor, group: int) -> torch.Tensor:
+    """codes [..., n] with step / min [..., ceil(n / group)] -> float32 values [..., n]. A partial
+    last group is padded with its last code (as the codec does) so every group broadcasts its step."""
+    n, groups = codes.shape[-1], step.shape[-1]
+    pad = groups * group - n
+    if pad:
+        codes = torch.cat([codes, codes[..., -1:].expand(*codes.shape[:-1], pad)], dim=-1)
+    x = codes.reshape(*codes.shape[:-1], groups, group).float() * step.float()[..., None] + mn.float()[..., None]
+    return x.reshape(*codes.shape[:-1], groups * group)[..., :n]
 
 
 def dequant(src: QuantKV, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layers [start, stop) of the entry: (K, V), each [stop - start, H, T, D] in ``src.dtype``."""
+    """Layers [start, stop) of the entry: (K, V), each [stop - start, H, T, D] contiguous in ``src.dtype``."""
     _, _, H, T, D = src.shape
     n, per_layer = stop - start, H * T * D
     first, count = start * per_layer, n * per_layer
     kc = _codes(src.k_codes, src.bits, first, count).reshape(n, H, D, T)
-    k = (kc.float() * _per_element(src.k_step[start:stop], src.group_k, T).float()
-         + _per_element(src.k_min[start:stop], src.group_k, T).float())
+    k = _values(kc, src.k_step[start:stop], src.k_min[start:stop], src.group_k)  # [n, H, D, T]
     vc = _codes(src.v_codes, src.bits, first, count).reshape(n, H, T, D)
-    v = (vc.float() * _per_element(src.v_step[start:stop], src.group_v, D).float()
-         + _per_element(src.v_min[start:stop], src.group_v, D).float())
-    return k.transpose(-1, -2).to(src.dtype), v.to(src.dtype)
+    v = _values(vc, src.v_step[start:stop], src.v_min[start:stop], src.group_v)
+    return k.transpose(-1, -2).to(src.dtype, memory_format=torch.contiguous_format), v.to(src.dtype)
 
 
 def decode_rerotate_scatter(src: QuantKV, k_dst: torch.Tensor, v_dst: torch.Tensor, start: int, stop: int,

@@ -84,8 +84,8 @@ def rerotate(k: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor,
     if out is not None:
         if out.shape != k.shape or out.dtype != k.dtype:
             raise InputError(f"out must match k: {tuple(k.shape)} {k.dtype}, got {tuple(out.shape)} {out.dtype}")
-        check_device("out", out, k.device)
-    which = resolve(backend, k.device, k.dtype)
+        check_device("out", out, k)
+    which = resolve(backend, k)
     if which == "torch" or k.numel() == 0 or (isinstance(delta, int) and delta == 0):
         return reference.rerotate(k, delta, inv_freq, layout, out=out)
     from kdn_hf.kernels.rotary import kernel

@@ -9,6 +9,8 @@ the attention scaling is not applied again: see ``kdn_hf.rope``'s docstring.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -18,13 +20,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def cos_sin(delta: int | torch.Tensor, inv_freq: torch.Tensor, device: torch.device,
             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of ``delta * w``, cast to ``dtype`` on ``device``.
+    """cos/sin of ``delta * w``, cast to ``dtype`` on ``device`` (read-only: they may be shared).
 
     delta:    an int, or [rows] int64 (one delta per token, or per table row).
     inv_freq: [n] or [layers, n] float (float64 preferred: the angle is made in float64).
     Returns [n] / [rows, n] for [n] frequencies, [layers, 1, 1, n] / [layers, 1, rows, n] for
     per-layer ones (broadcasting against K [layers, heads, tokens, head_dim]).
+
+    An int delta with CPU frequencies (a RopeSpec's) is memoized: the layer-wise composer asks for
+    the same chunk delta on every layer, and making cos/sin costs more than rotating a small chunk.
     """
+    if isinstance(delta, int) and inv_freq.device.type == "cpu":
+        w = inv_freq.detach().to(torch.float64).contiguous()
+        return _cos_sin_int(delta, w.numpy().tobytes(), tuple(w.shape), torch.device(device), dtype)
+    return _make_cos_sin(delta, inv_freq, device, dtype)
+
+
+@lru_cache(maxsize=1024)
+def _cos_sin_int(delta: int, w_bytes: bytes, w_shape: tuple[int, ...], device: torch.device, dtype: torch.dtype):
+    w = torch.frombuffer(bytearray(w_bytes), dtype=torch.float64).reshape(w_shape)
+    return _make_cos_sin(delta, w, device, dtype)
+
+
+def _make_cos_sin(delta: int | torch.Tensor, inv_freq: torch.Tensor, device: torch.device, dtype: torch.dtype):
     # float64 is not available on every backend (mps); there the angles are made on CPU.
     where = device if device.type in ("cpu", "cuda") else torch.device("cpu")
     w = inv_freq.to(where, torch.float64)
