@@ -12,7 +12,7 @@ Two stages, each overlapping the next:
    fetched entry, or a miss the engine computed), a :class:`LayerwiseComposer`
    thread walks the layers: for layer l it decodes layer l of every distinct
    chunk, re-rotates its K to the chunk's prompt positions
-   (``kdn_hf.rope.rerotate_layer``), writes it into ``out[l]`` and marks layer l
+   (``kdn_hf.kernels.rerotate``: Triton on CUDA, torch otherwise), writes it into ``out[l]`` and marks layer l
    ready. The consumer reads layer l only after ``wait(l)``: selective
    recompute (``kdn_hf.blend.recompute(..., wait_layer=wait)``) runs layer l
    while layers l+1, l+2, ... are still being decoded and re-rotated; a
@@ -44,7 +44,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdn_hf.rope import RopeSpec, rerotate_layer
+from kdn_hf.kernels import rerotate
+from kdn_hf.rope import RopeSpec
 from kdn_hf.store import KVStore, StoreHit
 
 log = logging.getLogger("kdn_hf")
@@ -148,7 +149,7 @@ class _Group:
 
 
 def _delta(positions: torch.Tensor, at: int, spec: RopeSpec) -> int | torch.Tensor | None:
-    """None when the chunk already sits at ``at`` (a plain copy); else the shift, as ``rerotate`` makes it."""
+    """None when the chunk already sits at ``at`` (a plain copy); else the shift, as ``kdn_hf.rope.rerotate`` makes it."""
     target = torch.arange(at, at + positions.numel())
     if torch.equal(positions, target):
         return None
@@ -190,12 +191,13 @@ class LayerwiseComposer:
         except Exception as e:  # the chunk's own fault (an entry that does not decode)
             raise _SourceFailed from e
         kv = kv.to(self.out.device)
+        w = self.spec.inv_freq(layer)  # None: a layer without RoPE
         for at, n, delta in g.places:
             dst = self.out[layer, :, :, at : at + n]
-            if delta is None:
+            if delta is None or w is None:
                 dst.copy_(kv)
             else:
-                rerotate_layer(kv[0], delta, self.spec, layer, out=dst[0])
+                rerotate(kv[0], delta, w, layout=self.spec.layout, out=dst[0])
                 dst[1].copy_(kv[1])
 
     def _run(self) -> None:

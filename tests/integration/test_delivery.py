@@ -147,16 +147,19 @@ def test_entry_failing_mid_compose_answers_like_a_miss(stored, docs, kw, bad_lay
 def test_error_that_is_no_entrys_fault_is_raised_not_hung(stored, docs, kw, monkeypatch):
     import kdn_hf.delivery as delivery
 
-    real = delivery.rerotate_layer
+    real = delivery.rerotate
+    calls = []
 
-    def broken(k, delta, spec, layer, out=None):
-        if layer >= 5:
+    def broken(k, delta, inv_freq, **options):
+        calls.append(1)
+        if len(calls) > 5:  # a few layers in
             raise RuntimeError("injected re-rotation failure")
-        return real(k, delta, spec, layer, out=out)
+        return real(k, delta, inv_freq, **options)
 
-    monkeypatch.setattr(delivery, "rerotate_layer", broken)
-    with pytest.raises(ComposeError, match="layer 5") as info:
+    monkeypatch.setattr(delivery, "rerotate", broken)
+    with pytest.raises(ComposeError, match=r"layer \d+") as info:
         _prepare(stored, _layout(docs), True, None, **kw)
+    assert info.value.layer is not None and not info.value.stored
     assert isinstance(info.value.__cause__, RuntimeError)
     assert _no_composer_left()
     monkeypatch.undo()
