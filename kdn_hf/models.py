@@ -10,6 +10,7 @@ model hub: every load passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -162,3 +163,24 @@ def load(
         raise ModelLoadError(f"could not load the model in {path}: {e}") from e
     model.to(device).eval()
     return model, tokenizer
+
+
+def causal_lm_class(config) -> type:
+    """The class ``AutoModelForCausalLM`` builds for ``config`` (a transformers config), as ``load`` does."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelLoadError(
+            f"transformers has no causal LM class for {type(config).__name__} (model_type "
+            f"{getattr(config, 'model_type', None)!r}); kdn_hf works with causal LMs only"
+        ) from None
+
+
+def meta_skeleton(config, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The causal LM for ``config`` built on the meta device: its modules, state-dict names, dtypes and
+    tied parameters as ``load`` would have them, no weights in memory (milliseconds, any model size)."""
+    cls = causal_lm_class(config)
+    with torch.device("meta"):
+        return cls._from_config(copy.deepcopy(config), dtype=dtype)  # _from_config writes config.dtype

@@ -342,4 +342,4 @@ def rerotate(
 
 
 # Reading the spec from a model lives in its own module; re-exported here for callers.
-from kdn_hf.rope_probe import rope_spec_from_model  # noqa: E402,F401
+from kdn_hf.rope_probe import rope_spec_from_config, rope_spec_from_model  # noqa: E402,F401

@@ -146,8 +146,40 @@ def rope_spec_from_model(model) -> RopeSpec:
     UnsupportedRopeError for models without RoPE, dynamic NTK, multimodal (mrope)
     positions, unknown rope types or unreadable rotary modules.
     """
-    tc = _text_config(model.config)
-    where = f"{type(model).__name__}"
+    where = type(model).__name__
+    check_rope_config(model.config, where)
+    return spec_from_rotary_module(_find_rotary_module(model), model.config, where)
+
+
+def rope_spec_from_config(config) -> RopeSpec:
+    """The RopeSpec ``rope_spec_from_model`` reads from the causal LM built from ``config``
+    (a transformers config), without building that model's weights.
+
+    The model's module tree is built on the meta device (no memory) to find the class of its
+    rotary module; that one module is then built for real from the config (transformers'
+    ``ROPE_INIT_FUNCTIONS`` run inside it) and read exactly as ``rope_spec_from_model``
+    reads the model's own. Raises UnsupportedRopeError as ``rope_spec_from_model`` does.
+    """
+    from kdn_hf.models import meta_skeleton
+
+    skeleton = meta_skeleton(config)
+    where = type(skeleton).__name__
+    check_rope_config(config, where)
+    rotary_cls = type(_find_rotary_module(skeleton))
+    tc = _text_config(config)
+    try:
+        module = rotary_cls(config=tc)
+    except TypeError as e:
+        raise UnsupportedRopeError(
+            f"{where}: its rotary module {rotary_cls.__name__} cannot be built from the config alone ({e}); "
+            "read the spec from the loaded model with rope_spec_from_model(model)"
+        ) from e
+    return spec_from_rotary_module(module.eval(), config, where)
+
+
+def check_rope_config(config, where: str) -> None:
+    """Raise UnsupportedRopeError for what the config alone shows cannot be re-rotated."""
+    tc = _text_config(config)
     top = getattr(tc, "rope_parameters", None) or getattr(tc, "rope_scaling", None) or {}
     nested = [v for v in top.values() if isinstance(v, dict)] if isinstance(top, dict) else []
     for params in [top, *nested] if isinstance(top, dict) else []:
@@ -159,7 +191,14 @@ def rope_spec_from_model(model) -> RopeSpec:
         if "rope_type" in params:
             _refuse(str(params["rope_type"]), where)
 
-    module = _find_rotary_module(model)
+
+def spec_from_rotary_module(module: torch.nn.Module, config, where: str) -> RopeSpec:
+    """The RopeSpec of a model with ``config`` whose text layers use rotary ``module``.
+
+    Shared by ``rope_spec_from_model`` (the model's own module) and ``rope_spec_from_config``
+    (a module of the same class built from the config), so both read a model the same way.
+    """
+    tc = _text_config(config)
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     num_layers = tc.num_hidden_layers
     module_types = getattr(module, "rope_type", None)

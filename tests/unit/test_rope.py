@@ -15,7 +15,9 @@ import transformers as T
 from transformers import DynamicCache
 
 from kdn_hf.errors import ConfigError, InputError, UnsupportedRopeError
-from kdn_hf.rope import RopeFrequencies, RopeSpec, rerotate, rerotate_layer, rope_spec_from_model
+from kdn_hf.rope import (
+    RopeFrequencies, RopeSpec, rerotate, rerotate_layer, rope_spec_from_config, rope_spec_from_model,
+)
 
 N = 16  # tokens per forward
 OFFSETS = (1, 37, 512, 2048)
@@ -161,6 +163,23 @@ def test_rerotation_is_exact_against_a_float64_model_with_float64_angles(case):
     k0, _ = model_kv(model, ids, base)
     kd, _ = model_kv(model, ids, base + 2048)
     assert (rerotate(k0, base, base + 2048, spec) - kd).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_spec_from_the_config_alone_equals_the_spec_read_from_the_model(case):
+    model = _make(case)
+    config_before = model.config.to_dict()
+    assert rope_spec_from_config(model.config).describe() == rope_spec_from_model(model).describe()
+    assert model.config.to_dict() == config_before  # the caller's config is not touched
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic"])
+def test_spec_from_config_refuses_what_the_model_path_refuses(rope_type):
+    config = T.LlamaConfig(**SMALL, rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(UnsupportedRopeError, match="dynamic"):
+        rope_spec_from_config(config)
+    with pytest.raises(UnsupportedRopeError, match="no rotary embedding"):
+        rope_spec_from_config(T.GPT2Config(n_embd=64, n_head=4, n_layer=2, vocab_size=VOCAB))
 
 
 def test_partial_rotary_rotates_only_the_leading_dims_in_half_layout():
