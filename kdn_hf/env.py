@@ -11,6 +11,10 @@ separated by commas (a tier chain, fastest first), e.g.
 
 ``KDN_CODEC``: the stored KV codec when none is named (default ``none``).
 
+``KDN_SGLANG_REUSE``: ``1`` lets the SGLang backend load stored chunks at new
+positions, re-rotated (approximate; see the README). Default ``0``: exact
+entries only.
+
 The CLI and the SGLang backend (which has no flags of its own) take their
 defaults from these, so that an SGLang server and ``kdn ingest`` started in the
 same environment share entries.
@@ -54,3 +58,13 @@ def namespace() -> str:
 def codec() -> str:
     """``$KDN_CODEC``, or ``"none"`` when unset or empty (checked where the codec is used)."""
     return os.environ.get("KDN_CODEC", "").strip() or "none"
+
+
+def sglang_reuse() -> bool:
+    """``$KDN_SGLANG_REUSE``: "1"/"true" on, "0"/"false"/unset off; anything else is a ConfigError."""
+    raw = os.environ.get("KDN_SGLANG_REUSE", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"KDN_SGLANG_REUSE must be 1 or 0, got {raw!r}")

@@ -30,6 +30,15 @@ Contract with SGLang's scheduler (who calls what, when):
   (``release_kv_cache`` frees it right after ``checkpoint`` returns).
 - ``on_release`` / ``release_aborted_request``: drop the request's plan.
   Stores in flight finish and unlock on their own.
+
+Non-prefix reuse (``KDNSettings(reuse=True)``, opt-in, needs chunk hints): after
+the exact span, further chunks whose chunk entry is stored are loaded too, K
+re-rotated to their new positions (``kdn_hf.rope.rerotate_layer``). That KV is
+approximate (no cross-chunk attention), so it never joins the shared tree:
+every load is then request-owned (``load_back_is_cache_owned()`` is False;
+``prefix_device_indices`` appends the private slots), the tree insert of such a
+request stops at its first approximate token, and only units before it are
+stored back. Released requests free the approximate slots like computed ones.
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
+from kdn_hf.errors import ConfigError
 from kdn_hf.plan import KeyPolicy, Unit
+from kdn_hf.rope import RopeSpec, rerotate_layer
 from kdn_hf.store import KVStore
 
 from kdn_hf.integrations.sglang.pool_io import pool_geometry, read_pool_kv, write_pool_kv
@@ -85,6 +96,17 @@ class _LoadPlan:
     device_len: int
     end: int                 # load positions device_len .. end-1
     entries: list[tuple[str, Unit]] = field(default_factory=list)
+    approx_from: int | None = None  # first position loaded re-rotated (reuse); None: every entry is exact
+    approx: list[tuple[str, Unit]] = field(default_factory=list)  # chunk entries to re-rotate (reuse)
+
+
+@dataclass
+class _Private:
+    """Request-owned slots loaded by ``init_load_back`` in reuse mode (positions device_len .. end-1)."""
+
+    slots: torch.Tensor
+    approx_from: int | None
+    in_row: bool = False  # handed out by prefix_device_indices (the row owns them from then on)
 
 
 class KDNRadixCache(RadixCache):
@@ -97,12 +119,15 @@ class KDNRadixCache(RadixCache):
     settings:    namespace, codec, block size, ... (``KDNSettings``).
     """
 
-    def __init__(self, params, *, store: KVStore, fingerprint: str, settings: KDNSettings | None = None) -> None:
+    def __init__(self, params, *, store: KVStore, fingerprint: str, settings: KDNSettings | None = None,
+                 rope_spec: RopeSpec | None = None) -> None:
         super().__init__(params)
         self.settings = settings or KDNSettings()
+        if self.settings.reuse and rope_spec is None:
+            raise ConfigError("KDNSettings(reuse=True) re-rotates stored K: pass the model's rope_spec "
+                              "(kdn_hf.rope.rope_spec_from_config(hf_config))")
+        self.rope_spec = rope_spec
         if self.settings.block_tokens % self.page_size:
-            from kdn_hf.errors import ConfigError
-
             raise ConfigError(f"block_tokens={self.settings.block_tokens} must be a multiple of the page size "
                               f"{self.page_size}")
         self.store = store
@@ -110,6 +135,7 @@ class KDNRadixCache(RadixCache):
         self.kvcache = self.token_to_kv_pool_allocator.get_kvcache()
         self.kdn_stats = KDNCacheStats()
         self._plans: dict[CacheRequestHandle, _LoadPlan] = {}
+        self._private: dict[CacheRequestHandle, _Private] = {}
         self._stored: set[CacheRequestHandle] = set()
         self._inflight: dict[int, TreeNode] = {}
         self._policies: dict[tuple[str, tuple[int, ...]], KeyPolicy] = {}
@@ -164,10 +190,30 @@ class KDNRadixCache(RadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         self._plans.pop(req.cache_request_handle, None)
         self._stored.discard(req.cache_request_handle)
+        self._drop_private(req.cache_request_handle)
 
     def release_aborted_request(self, handle: CacheRequestHandle) -> None:
         self._plans.pop(handle, None)
         self._stored.discard(handle)
+        self._drop_private(handle)
+
+    def _drop_private(self, handle: CacheRequestHandle) -> None:
+        private = self._private.pop(handle, None)
+        if private is not None and not private.in_row:  # loaded, then aborted before its row was allocated
+            self.token_to_kv_pool_allocator.free(private.slots)
+
+    def load_back_is_cache_owned(self) -> bool:
+        return not self.settings.reuse
+
+    def prefix_device_indices(self, req) -> torch.Tensor:
+        private = self._private.get(req.cache_request_handle)
+        path = self.path_device_indices(req.last_node)
+        if private is not None:  # alloc_for_extend copies these into the request's row, which frees them
+            private.in_row = True
+            path = torch.cat([path, private.slots.to(path.dtype)])
+        if len(path) < req.prefix_len:
+            raise RuntimeError(f"{req.rid}: prefix of {req.prefix_len} tokens but {len(path)} slots")
+        return path[: req.prefix_len]
 
     def evict(self, params: EvictParams) -> EvictResult:
         self._drain()
@@ -208,13 +254,24 @@ class KDNRadixCache(RadixCache):
                 break
             entries.append((hit, unit))
             end = unit.end
+        approx: list[tuple[str, Unit]] = []
+        exact_end = end
+        if self.settings.reuse and units.hinted:
+            for i in range(len(entries) + sum(u.end <= device_len for u in units.prefix), len(units.prefix)):
+                chunk = units.chunk[i]
+                if chunk is None or chunk.start >= limit or not self.store.contains(chunk.key):
+                    break
+                approx.append((chunk.key, chunk))
+                end = chunk.end
         end = min(end, limit) // self.page_size * self.page_size
         if end <= device_len:
             return None
         token_ids = key.raw_token_ids()[:end]
         snapshot = RadixKey(array("q", token_ids), key.extra_key, cache_salt=key.cache_salt)
+        approx = [(k, u) for k, u in approx if u.start < end]
         return _LoadPlan(snapshot, base.last_device_node, device_len, end,
-                         [(k, u) for k, u in entries if u.start < end])
+                         [(k, u) for k, u in entries if u.start < end],
+                         approx_from=max(exact_end, device_len) if approx else None, approx=approx)
 
     # ---------------------------------------------------------------- load
     def init_load_back(self, params: InitLoadBackParams):
@@ -224,7 +281,8 @@ class KDNRadixCache(RadixCache):
         if plan is None:
             return 0, node
         n = plan.end - plan.device_len
-        loaded = self._load(plan, node, params.host_hit_length)
+        loaded = self._load(plan, node, params.host_hit_length, private=req.cache_request_handle
+                            if self.settings.reuse else None)
         if loaded is None:
             self.kdn_stats.failed_loads += 1
             return 0, node
@@ -232,7 +290,10 @@ class KDNRadixCache(RadixCache):
         self.kdn_stats.loaded_tokens += n
         return n, loaded
 
-    def _load(self, plan: _LoadPlan, node: TreeNode, promised: int) -> Optional[TreeNode]:
+    def _load(self, plan: _LoadPlan, node: TreeNode, promised: int,
+              private: CacheRequestHandle | None = None) -> Optional[TreeNode]:
+        """Load the plan into new slots: grafted under ``node`` (exact loads), or kept for request
+        ``private`` (reuse mode). Returns the request's new last node; None when nothing was loaded."""
         n = plan.end - plan.device_len
         if promised != n or node is not plan.node or len(self.path_device_indices(node)) != plan.device_len:
             log.info("the tree changed since match_prefix; not loading %d stored tokens", n)
@@ -250,6 +311,10 @@ class KDNRadixCache(RadixCache):
             log.info("no room for %d stored tokens after eviction; recomputing them", n)
             return None
         write_pool_kv(self.kvcache, slots, kv)
+        if private is not None:
+            self._drop_private(private)
+            self._private[private] = _Private(slots.to(torch.int64), plan.approx_from)
+            return node
         new = TreeNode(priority=node.priority)
         new.key = rest
         new.value = slots.to(torch.int64)
@@ -282,6 +347,27 @@ class KDNRadixCache(RadixCache):
                 return None
             lo, hi = max(unit.start, plan.device_len), min(unit.end, plan.end)
             parts.append(chunk.kv[:, :, :, lo - unit.start : hi - unit.start])
+        for key, unit in plan.approx:
+            chunk, _tier = self.store.get(key, self.fingerprint)
+            if chunk is None:
+                return None
+            p0 = int(chunk.positions[0]) if chunk.num_tokens else 0
+            ok = (
+                chunk.token_ids.tolist() == list(unit.ids)
+                and torch.equal(chunk.positions.cpu(), torch.arange(p0, p0 + len(unit.ids)))
+                and tuple(chunk.kv.shape) == (layers, 2, heads, len(unit.ids), head_dim)
+                and chunk.kv.dtype == dtype
+            )  # fmt: skip
+            if not ok:
+                log.warning("chunk entry %s does not hold the ids/geometry its key promises; removed", key)
+                self.store.note_corrupt(key)
+                self.kdn_stats.corrupt += 1
+                return None
+            lo, hi = max(unit.start, plan.device_len), min(unit.end, plan.end)
+            kv = chunk.kv[:, :, :, lo - unit.start : hi - unit.start].clone()
+            for layer in range(layers):  # K from its stored positions p0.. to its prompt positions unit.start..
+                kv[layer, 0] = rerotate_layer(kv[layer, 0], unit.start - p0, self.rope_spec, layer)
+            parts.append(kv)
         kv = torch.cat(parts, dim=3) if len(parts) > 1 else parts[0]
         if kv.shape[3] != plan.end - plan.device_len:  # units do not tile the planned span: a bug, not a miss
             raise RuntimeError(f"planned {plan.end - plan.device_len} tokens but the entries hold {kv.shape[3]}")
@@ -289,7 +375,12 @@ class KDNRadixCache(RadixCache):
 
     # ---------------------------------------------------------------- store-back
     def checkpoint(self, req, *, up_to: int) -> None:
-        super().checkpoint(req, up_to=up_to)
+        private = self._private.get(req.cache_request_handle)
+        approx_from = private.approx_from if private is not None else None
+        if approx_from is None:
+            super().checkpoint(req, up_to=up_to)
+        else:
+            self._checkpoint_exact(req, up_to=up_to, exact_len=approx_from)
         if self.disable:
             return
         self._drain()
@@ -297,9 +388,31 @@ class KDNRadixCache(RadixCache):
         if up_to < prompt_len or req.cache_request_handle in self._stored:
             return
         self._stored.add(req.cache_request_handle)
-        self._store_prompt(req, prompt_len)
+        self._store_prompt(req, prompt_len if approx_from is None else approx_from)
+
+    def _checkpoint_exact(self, req, *, up_to: int, exact_len: int) -> None:
+        """RadixCache.checkpoint with the tree insert cut at ``exact_len``: tokens from there on
+        were loaded re-rotated (or computed after such tokens) and stay the request's."""
+        if self.disable:
+            return
+        limit = exact_len // self.page_size * self.page_size
+        if req.kv.swa_evict_floor > 0:
+            raise RuntimeError("sliding-window state under the kdn backend (refused at start-up)")
+        radix_key, _, _ = self._insert_cache(req, req.full_untruncated_fill_ids[:up_to], key_limit=limit)
+        new_last_node = self.match_prefix(MatchPrefixParams(key=radix_key)).last_device_node
+        new_indices = self.path_device_indices(new_last_node)
+        if len(new_indices) > req.kv.cache_protected_len:
+            self.req_to_token_pool.write(
+                (req.kv.req_pool_idx, slice(req.kv.cache_protected_len, len(new_indices))),
+                new_indices[req.kv.cache_protected_len :],
+            )
+        req.kv.cache_protected_len = max(req.kv.cache_protected_len, len(new_indices))
+        self.unlock(req.lock)
+        req.lock = self.lock(new_last_node)
+        req.last_node = new_last_node
 
     def _store_prompt(self, req, prompt_len: int) -> None:
+        """Store the units of the prompt's first ``prompt_len`` ids (those before any approximate token)."""
         units = self._req_units(req)
         entries = [(key, unit) for i, unit in enumerate(units.prefix) if unit.end <= prompt_len
                    for key in units.exact_keys(i)]

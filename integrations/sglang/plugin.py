@@ -60,7 +60,12 @@ def create_kdn_cache(ctx):
     if settings.block_tokens % page:  # blocks are whole pages
         settings = dataclasses.replace(settings, block_tokens=page * max(1, settings.block_tokens // page))
     fingerprint = served_fingerprint(ctx, pool.dtype)
+    rope_spec = None
+    if settings.reuse:  # re-rotation must be exact for this model, or the server does not start
+        from kdn_hf.rope import rope_spec_from_config
+
+        rope_spec = rope_spec_from_config(ctx.model_config.hf_config)
     store = open_store(None if settings.store is None else list(settings.store))
-    log.info("kdn radix cache: store %s, namespace %r, codec %s, fingerprint %s, dtype %s", store,
-             settings.namespace, settings.codec, fingerprint, pool.dtype)
-    return KDNRadixCache(ctx.params, store=store, fingerprint=fingerprint, settings=settings)
+    log.info("kdn radix cache: store %s, namespace %r, codec %s, fingerprint %s, dtype %s, reuse %s", store,
+             settings.namespace, settings.codec, fingerprint, pool.dtype, settings.reuse)
+    return KDNRadixCache(ctx.params, store=store, fingerprint=fingerprint, settings=settings, rope_spec=rope_spec)

@@ -55,10 +55,12 @@ class KDNSettings:
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "KDNSettings":
-        """Store, namespace and codec from KDN_STORE / KDN_NAMESPACE / KDN_CODEC; the rest as given."""
+        """Store, namespace, codec and reuse from KDN_STORE / KDN_NAMESPACE / KDN_CODEC / KDN_SGLANG_REUSE;
+        the rest as given."""
         spec = env.store_spec()
-        return cls(store=None if spec is None else tuple(spec), namespace=env.namespace(), codec=env.codec(),
-                   **overrides)
+        fields = dict(store=None if spec is None else tuple(spec), namespace=env.namespace(), codec=env.codec(),
+                      reuse=env.sglang_reuse())
+        return cls(**{**fields, **overrides})
 
 
 def request_namespace(base: str, extra_key: str | None, cache_salt: str | None) -> str:

@@ -26,7 +26,7 @@ KVFn = Callable[[list[int], torch.Tensor], torch.Tensor]  # (prompt ids, positio
 
 class SimServer:
     def __init__(self, store, fingerprint: str, *, page_size: int, layers: int, heads: int, head_dim: int,
-                 dtype=torch.float32, size: int = 1024, settings: KDNSettings | None = None) -> None:
+                 dtype=torch.float32, size: int = 1024, settings: KDNSettings | None = None, rope_spec=None) -> None:
         self.pool = MHATokenToKVPool(size=size, page_size=page_size, dtype=dtype, head_num=heads, head_dim=head_dim,
                                      layer_num=layers, device="cpu", enable_memory_saver=False)
         if page_size == 1:
@@ -37,7 +37,7 @@ class SimServer:
         params = CacheInitParams(disable=False, req_to_token_pool=self.req_to_token,
                                  token_to_kv_pool_allocator=self.alloc, page_size=page_size)
         self.cache = KDNRadixCache(params, store=store, fingerprint=fingerprint,
-                                   settings=settings or KDNSettings(block_tokens=32))
+                                   settings=settings or KDNSettings(block_tokens=32), rope_spec=rope_spec)
         self.page_size = page_size
         self.size = size
 

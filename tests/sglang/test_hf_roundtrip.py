@@ -78,3 +78,59 @@ def test_kv_stored_from_the_pool_is_a_prefix_hit_for_hf(smol, page_size):
     assert sum(cache.stats.hits.values()) == len([DOC_A, DOC_B]) + len(kdn.lead_in)
     reuse = kdn.prepare([DOC_A, DOC_B], mode="reuse")  # the first chunk is also stored as a chunk entry
     assert sum(reuse.stats.hits.values()) >= 1 + len(kdn.lead_in)
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_opt_in_reuse_loads_rerotated_chunks_request_owned(smol, page_size):
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+    from kdn_hf.integrations.sglang.settings import KDNSettings
+    from kdn_hf.rope import rope_spec_from_config
+
+    model, tok = smol
+    kdn = KDN(model, tok, store=open_store("memory://"))
+    kdn.ingest([DOC_A, DOC_B])
+    cfg = model.config
+    server = SimServer(kdn.store, kdn.fingerprint.digest, page_size=page_size, layers=cfg.num_hidden_layers,
+                       heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads, size=512,
+                       settings=KDNSettings(block_tokens=32, reuse=True), rope_spec=rope_spec_from_config(cfg))
+    assert not server.cache.load_back_is_cache_owned()
+    req = kdn_request(tok, [DOC_B, DOC_A, QUESTION])
+    hints = req.sampling_params["custom_params"]
+    b_end = len(kdn.lead_in) + hints["kdn_chunks"][0]
+    a_end = b_end + hints["kdn_chunks"][1]
+    r = server.request("r", req.input_ids, custom_params=hints)
+    loaded = server.admit(r)
+    n = a_end // page_size * page_size
+    assert loaded == n
+    # what the HF path composes for the same chunks (its own re-rotation): the pool holds the same KV
+    hf = stack_cache(kdn.prepare([DOC_B, DOC_A], mode="reuse"))
+    pool = server.pool_kv(server.cache.prefix_device_indices(r))
+    torch.testing.assert_close(pool, hf[:, :, :, :n], rtol=0, atol=1e-6)
+    assert server.cache.evictable_size() == 0  # nothing loaded joined the shared tree
+    server.prefill(r, hf_forward(model))
+    server.finish(r)
+    server.cache.wait_for_stores()
+    # the tree took the exact part only (up to doc_a, which was re-rotated), page-aligned
+    assert server.cache.total_size() == b_end // page_size * page_size
+    server.cache.evict(EvictParams(num_tokens=10_000))
+    assert server.free_slots() == server.size
+
+
+def test_reuse_load_then_abort_frees_the_private_slots(smol):
+    from kdn_hf.integrations.sglang.settings import KDNSettings
+    from kdn_hf.rope import rope_spec_from_config
+
+    model, tok = smol
+    kdn = KDN(model, tok, store=open_store("memory://"))
+    kdn.ingest([DOC_A, DOC_B])
+    cfg = model.config
+    server = SimServer(kdn.store, kdn.fingerprint.digest, page_size=1, layers=cfg.num_hidden_layers,
+                       heads=cfg.num_key_value_heads, head_dim=cfg.hidden_size // cfg.num_attention_heads, size=512,
+                       settings=KDNSettings(block_tokens=32, reuse=True), rope_spec=rope_spec_from_config(cfg))
+    req = kdn_request(tok, [DOC_B, DOC_A, QUESTION])
+    r = server.request("r", req.input_ids, custom_params=req.sampling_params["custom_params"])
+    assert server.admit(r) > 0 and server.free_slots() < server.size
+    server.cache.release_aborted_request(r.cache_request_handle)
+    server.cache.unlock(r.lock)
+    assert server.free_slots() == server.size
