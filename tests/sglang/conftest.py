@@ -2,8 +2,7 @@
 
 The core suite (.venv, the project's own transformers) does not collect this directory: without an
 importable sglang, ``collect_ignore_glob`` drops every file here. With it, the torchvision stand-in
-(tests/sglang/stubs) goes first on sys.path before anything imports sglang, and ``kdn_hf.integrations``
-resolves to the repo's ``integrations/`` folder while the package-dir mapping is not installed.
+(tests/sglang/stubs) goes first on sys.path before anything imports sglang.
 """
 
 from __future__ import annotations
@@ -15,19 +14,15 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
 
-if importlib.util.find_spec("sglang") is None:
+_spec = importlib.util.find_spec("sglang")
+# tests/ is on sys.path while pytest collects, so this very folder is an importable namespace package
+# named "sglang" (no origin) when the real one is not installed
+if _spec is None or _spec.origin is None:
     collect_ignore_glob = ["*"]
 else:
     if str(HERE / "stubs") not in sys.path:
         sys.path.insert(0, str(HERE / "stubs"))
-    try:
-        import kdn_hf.integrations.sglang  # noqa: F401
-    except ModuleNotFoundError:  # packaging of integrations/ as kdn_hf.integrations not installed yet
-        import kdn_hf
-
-        kdn_hf.__path__.append(str(ROOT))  # kdn_hf.integrations -> ROOT/integrations
     collect_ignore_glob = ["stubs/*"]
 
 
