@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 VENV=.venv-sglang
 C=integrations/sglang/constraints.txt
 STAMP=$VENV/.kdn-setup-done
-stamp=$(cat "$0" "$C" integrations/sglang/requirements-cpu.txt pyproject.toml | sha256sum | cut -c1-16)
+stamp=$(cat "$0" "$C" integrations/sglang/requirements-cpu.txt pyproject.toml setup.py | sha256sum | cut -c1-16)
 if [ -x $VENV/bin/python ] && [ "$(cat $STAMP 2>/dev/null)" = "$stamp" ]; then
   echo "$VENV is up to date"
   exit 0

@@ -45,3 +45,12 @@ def test_cli_store_default_is_kdn_store(monkeypatch, tmp_path, capsys):
     # a --store on the command line replaces the environment's chain instead of extending it
     assert main(["store", "stats", "--store", "memory://"]) == 0
     assert "disk" not in capsys.readouterr().out
+
+
+def test_sglang_reuse_flag(monkeypatch):
+    for raw, want in [("", False), ("0", False), ("off", False), ("1", True), ("true", True)]:
+        monkeypatch.setenv("KDN_SGLANG_REUSE", raw)
+        assert env.sglang_reuse() is want
+    monkeypatch.setenv("KDN_SGLANG_REUSE", "maybe")
+    with pytest.raises(ConfigError, match="KDN_SGLANG_REUSE"):
+        env.sglang_reuse()
