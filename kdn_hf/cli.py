@@ -17,18 +17,22 @@ import json
 import logging
 import sys
 
+from kdn_hf import env
 from kdn_hf.errors import KDNError
 
 
 def _common(p: argparse.ArgumentParser, model: bool = True, codec: bool = True) -> None:
     p.add_argument("--store", action="append", default=None,
-                   help="store URL or path (repeat for a tier chain, fastest first); default: KDN_HOME/store")
+                   help="store URL or path (repeat for a tier chain, fastest first); "
+                        "default: $KDN_STORE (comma-separated), else KDN_HOME/store")
     if model:
         p.add_argument("--model", default="smollm2-135m", help="bundled model name or local model directory")
-        p.add_argument("--namespace", default="default", help="tenant namespace of the stored entries")
+        p.add_argument("--namespace", default=env.namespace(),
+                       help="tenant namespace of the stored entries; default: $KDN_NAMESPACE or 'default'")
     if model and codec:
-        p.add_argument("--codec", default="none",
-                       help="stored KV codec: none, fp16, bf16, int8, int4, int4-g<N>, entropy (part of the key)")
+        p.add_argument("--codec", default=env.codec(),
+                       help="stored KV codec: none, fp16, bf16, int8, int4, int4-g<N>, entropy (part of the key); "
+                            "default: $KDN_CODEC or 'none'")
 
 
 def _kdn(args):
@@ -349,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "store", "absent") is None:  # argparse's append would extend a list default in place
+        args.store = env.store_spec()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

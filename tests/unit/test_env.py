@@ -1,0 +1,56 @@
+"""KDN_STORE / KDN_NAMESPACE / KDN_CODEC: the readers and the CLI defaults they feed."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdn_hf import env
+from kdn_hf.cli import build_parser, main
+from kdn_hf.errors import ConfigError
+
+
+def test_readers_default_when_unset_or_empty(monkeypatch):
+    for name in ("KDN_STORE", "KDN_NAMESPACE", "KDN_CODEC"):
+        monkeypatch.setenv(name, "  ")
+    assert env.store_spec() is None
+    assert env.namespace() == "default"
+    assert env.codec() == "none"
+    for name in ("KDN_STORE", "KDN_NAMESPACE", "KDN_CODEC"):
+        monkeypatch.delenv(name)
+    assert (env.store_spec(), env.namespace(), env.codec()) == (None, "default", "none")
+
+
+def test_store_is_a_comma_separated_chain(monkeypatch):
+    monkeypatch.setenv("KDN_STORE", "memory://, /tmp/kdn-store")
+    assert env.store_spec() == ["memory://", "/tmp/kdn-store"]
+    monkeypatch.setenv("KDN_STORE", "memory://,,/tmp/x")
+    with pytest.raises(ConfigError, match="empty entry"):
+        env.store_spec()
+
+
+def test_cli_defaults_follow_the_environment(monkeypatch):
+    monkeypatch.setenv("KDN_NAMESPACE", "tenant-a")
+    monkeypatch.setenv("KDN_CODEC", "fp16")
+    args = build_parser().parse_args(["ingest", "doc.txt"])
+    assert (args.namespace, args.codec) == ("tenant-a", "fp16")
+    args = build_parser().parse_args(["ingest", "doc.txt", "--namespace", "b", "--codec", "int8"])
+    assert (args.namespace, args.codec) == ("b", "int8")
+
+
+def test_cli_store_default_is_kdn_store(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("KDN_STORE", f"memory://,{tmp_path / 'store'}")
+    assert main(["store", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "memory" in out and "disk" in out
+    # a --store on the command line replaces the environment's chain instead of extending it
+    assert main(["store", "stats", "--store", "memory://"]) == 0
+    assert "disk" not in capsys.readouterr().out
+
+
+def test_sglang_reuse_flag(monkeypatch):
+    for raw, want in [("", False), ("0", False), ("off", False), ("1", True), ("true", True)]:
+        monkeypatch.setenv("KDN_SGLANG_REUSE", raw)
+        assert env.sglang_reuse() is want
+    monkeypatch.setenv("KDN_SGLANG_REUSE", "maybe")
+    with pytest.raises(ConfigError, match="KDN_SGLANG_REUSE"):
+        env.sglang_reuse()
