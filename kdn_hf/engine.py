@@ -34,6 +34,7 @@ from typing import Iterable, Sequence
 
 from tqdm.auto import tqdm
 
+from kdn_hf import env
 from kdn_hf.blend import DEFAULT_SELECTION, get_selection
 from kdn_hf.cache import KDNCache
 from kdn_hf.codec import check_codec
@@ -70,9 +71,11 @@ class KDN:
     model:     a transformers causal LM (RoPE attention), in eval mode.
     tokenizer: its tokenizer.
     store:     a KVStore, a store URL / path, a list of them (a tier chain,
-               fastest first), or None for the default disk store under KDN_HOME.
-    namespace: tenant salt; entries of one namespace are invisible to another.
-    codec:     how entries are stored (``kdn_hf.codec``; part of every key).
+               fastest first), or None: ``$KDN_STORE``, else the disk store under KDN_HOME.
+    namespace: tenant salt; entries of one namespace are invisible to another. None:
+               ``$KDN_NAMESPACE``, else ``"default"``.
+    codec:     how entries are stored (``kdn_hf.codec``; part of every key). None: ``$KDN_CODEC``,
+               else ``"none"``.
     lead_in:   optional text (or ids) every chunk is computed after, following the opener (BOS), e.g.
                the system prompt your prompts open with ("offline KV editing" in the CacheBlend
                paper): chunks then carry attention to it. Part of every chunk key. A chunk equal
@@ -86,8 +89,10 @@ class KDN:
                whole chunks, in prompt order (same bytes).
     """
 
-    def __init__(self, model, tokenizer, store=None, *, namespace: str = "default", codec: str = "none",
+    def __init__(self, model, tokenizer, store=None, *, namespace: str | None = None, codec: str | None = None,
                  lead_in=None, store_blends: bool = False, layerwise: bool = True) -> None:
+        namespace = env.namespace() if namespace is None else namespace
+        codec = env.codec() if codec is None else codec
         if not isinstance(namespace, str) or not namespace:
             raise ConfigError(f"namespace must be a non-empty string, got {namespace!r}")
         for name, flag in (("store_blends", store_blends), ("layerwise", layerwise)):

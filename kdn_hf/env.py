@@ -15,8 +15,8 @@ separated by commas (a tier chain, fastest first), e.g.
 positions, re-rotated (approximate; see the README). Default ``0``: exact
 entries only.
 
-The CLI and the SGLang backend (which has no flags of its own) take their
-defaults from these, so that an SGLang server and ``kdn ingest`` started in the
+``KDN(...)``, ``open_store(None)``, the CLI and the SGLang backend (which has no
+flags of its own) take their defaults from these, so that an SGLang server and ``kdn ingest`` started in the
 same environment share entries.
 """
 

@@ -80,8 +80,8 @@ def open_store(
     """
     if isinstance(spec, KVStore):
         return spec
-    if spec is None:
-        specs: list[StoreSpec] = [env.default_store_path()]
+    if spec is None:  # $KDN_STORE, else the embedded disk store under KDN_HOME
+        specs: list[StoreSpec] = env.store_spec() or [env.default_store_path()]
     elif isinstance(spec, (str, Path)):
         specs = [spec]
     elif isinstance(spec, Sequence) and all(isinstance(s, (str, Path)) for s in spec):

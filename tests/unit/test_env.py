@@ -54,3 +54,29 @@ def test_sglang_reuse_flag(monkeypatch):
     monkeypatch.setenv("KDN_SGLANG_REUSE", "maybe")
     with pytest.raises(ConfigError, match="KDN_SGLANG_REUSE"):
         env.sglang_reuse()
+
+
+def test_library_defaults_follow_the_environment(monkeypatch, tmp_path):
+    """open_store(None) opens $KDN_STORE, and KDN(...) takes $KDN_NAMESPACE / $KDN_CODEC into its keys."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdn_hf import KDN
+    from kdn_hf.store import open_store
+
+    monkeypatch.setenv("KDN_STORE", f"memory://,{tmp_path / 'store'}")
+    assert [t.name for t in open_store(None).tiers] == ["memory", "disk"]
+    monkeypatch.setenv("KDN_NAMESPACE", "tenant-a")
+    monkeypatch.setenv("KDN_CODEC", "fp16")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+
+    class Tok:  # the few tokenizer calls KDN makes at construction
+        bos_token_id = None
+
+    kdn = KDN(model, Tok())
+    assert (kdn.namespace, kdn.codec, [t.name for t in kdn.store.tiers]) == ("tenant-a", "fp16", ["memory", "disk"])
+    explicit = KDN(model, Tok(), store="memory://", namespace="b", codec="none")
+    assert (explicit.namespace, explicit.codec) == ("b", "none")
+    assert kdn.policy.chunk_key([1, 2, 3]) != explicit.policy.chunk_key([1, 2, 3])
