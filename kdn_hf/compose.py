@@ -27,7 +27,8 @@ from kdn_hf.delivery import Composition, LayerSource
 from kdn_hf.kv import ChunkKV
 from kdn_hf.plan import Unit
 from kdn_hf.resolve import Geometry, Resolution
-from kdn_hf.rope import RopeSpec, rerotate
+from kdn_hf.kernels import rerotate
+from kdn_hf.rope import RopeSpec
 
 
 def compose(units: Sequence[Unit], resolution: Resolution, spec: RopeSpec, geometry: Geometry, device, *,
@@ -67,8 +68,17 @@ def _compose_whole(units: Sequence[Unit], resolution: Resolution, spec: RopeSpec
         kv = src.layers(0, out.shape[0]).to(out.device)
         target = torch.arange(unit.start, unit.end)
         dst = out[:, :, :, unit.start:unit.end]
-        if torch.equal(src.positions.cpu(), target):
+        positions = src.positions.cpu()
+        if torch.equal(positions, target):
             dst.copy_(kv)
-        else:
-            dst[:, 0] = rerotate(kv[:, 0], src.positions, target, spec)
-            dst[:, 1] = kv[:, 1]
+            continue
+        spec.check_positions(int(torch.maximum(positions.max(), target.max())))
+        delta = target - positions
+        shift = int(delta[0]) if bool((delta == delta[0]).all()) else delta
+        for layer in range(out.shape[0]):  # the same op, layer by layer, as the layer-wise composer
+            w = spec.inv_freq(layer)
+            if w is None:
+                dst[layer].copy_(kv[layer])
+            else:
+                rerotate(kv[layer, 0], shift, w, layout=spec.layout, out=dst[layer, 0])
+                dst[layer, 1].copy_(kv[layer, 1])

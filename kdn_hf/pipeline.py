@@ -31,6 +31,7 @@ from kdn_hf.compose import compose
 from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
 from kdn_hf.delivery import start_loading
 from kdn_hf.first_token import next_token_logits
+from kdn_hf.kernels import describe
 from kdn_hf.kv import ChunkKV
 from kdn_hf.ledger import count_sources, prepare_stats
 from kdn_hf.plan import Unit, plan_chunks, plan_prefix
@@ -190,6 +191,8 @@ def _reuse(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
     composition = compose(units, resolution, kdn.rope_spec, kdn.geometry, device, compute=compute,
                           note_corrupt=kdn.store.note_corrupt, first_layer=first_layer, extra=len(query) + req.reserve, layerwise=kdn.layerwise)
     stats = prepare_stats(mode, len(prompt.chunk_ids), len(prompt))
+    stats.backends = {"kernels": describe(device, kdn.geometry.dtype)["kernels"],
+                      "attention": str(getattr(kdn.model.config, "_attn_implementation", None) or "eager")}
     if composition is None:
         return KDNCache(), stats
     try:

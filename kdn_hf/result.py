@@ -31,6 +31,10 @@ class PrepareStats:
     recompute_share: float = 0.0
     bytes_loaded: int = 0
     prepare_s: float = 0.0
+    #: what ran the data path: {"kernels": "triton" | "torch" (``kdn_hf.kernels``' choice for the
+    #: model's device and dtype), "attention": the model's attention implementation ("sdpa",
+    #: "flash_attention_2", ...)}; empty outside reuse/blend
+    backends: dict[str, str] = field(default_factory=dict)
 
     @property
     def hit_count(self) -> int:

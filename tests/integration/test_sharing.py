@@ -118,6 +118,7 @@ def test_kdncache_constructor_prepares_from_the_store_for_stock_generate(kdn, sm
     assert gen(exact) == plain  # exact prefix KV: the same tokens as plain generate
     blended = KDNCache(kdn, chunks=ctx, query=question)
     assert blended.stats.mode == "blend" and blended.stats.tokens_recomputed > 0
+    assert blended.stats.backends == {"kernels": "torch", "attention": "sdpa"}  # CPU: the torch references
     assert gen(blended) == gen(kdn.prepare(ctx, query=question))  # the same cache as kdn.prepare's
     with pytest.raises(TypeError, match="chunks"):
         KDNCache(kdn)
