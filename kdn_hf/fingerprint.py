@@ -32,6 +32,7 @@ model directory, an entry per dtype, valid while the sizes and mtimes of its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -188,6 +189,18 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files ``from_pretrained`` reads: the shards of ``model.safetensors.index.json``, else
+    ``model.safetensors``, else every ``*.safetensors`` (other copies, e.g. a ``consolidated`` file, are
+    not read when a standard one is present)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return sorted({model_dir / name for name in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelLoadError(f"cannot read the shard index {index}: {e!r}") from e
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         other = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
@@ -217,11 +230,16 @@ def _checkpoint_weights_digest(model_dir: Path, config: Any, cls: type, dtype: t
         groups.setdefault(id(t), []).append(name)
     sources = {v for v in (getattr(skeleton, "all_tied_weights_keys", None) or {}).values()}
 
-    where: dict[str, Path] = {}
+    files = contextlib.ExitStack()
+    where: dict[str, Any] = {}  # tensor name -> the open file holding it (memory-mapped; read one at a time)
     for path in _safetensors_files(model_dir):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                where.setdefault(key, path)
+        try:
+            f = files.enter_context(safe_open(path, framework="pt"))
+        except Exception as e:  # OSError, or safetensors' own error for a damaged header: re-raised as ours
+            files.close()
+            raise ModelLoadError(f"cannot read {path}: {e}") from e
+        for key in f.keys():
+            where.setdefault(key, f)
     # A checkpoint saved from the base model lacks its prefix ("model."); from_pretrained accepts it.
     prefix = getattr(cls, "base_model_prefix", "") or ""
 
@@ -238,23 +256,23 @@ def _checkpoint_weights_digest(model_dir: Path, config: Any, cls: type, dtype: t
 
     hasher = _WeightsHasher()
     done: dict[int, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for name in sorted(state):
-        meta = state[name]
-        gid = id(meta)
-        if gid in done:
-            hasher.add(name, *done[gid], None)
-            continue
-        key = stored_name(groups[gid])
-        with safe_open(where[key], framework="pt") as f:
-            t = f.get_tensor(key)
-        if t.is_floating_point() and meta.is_floating_point():
-            t = t.to(meta.dtype)
-        if tuple(t.shape) != tuple(meta.shape):
-            raise ModelLoadError(f"{model_dir}: tensor {key} has shape {tuple(t.shape)}, {cls.__name__} "
-                                 f"expects {tuple(meta.shape)}")
-        done[gid] = (t.dtype, tuple(t.shape))
-        hasher.add(name, t.dtype, tuple(t.shape), t)
-        del t
+    with files:
+        for name in sorted(state):
+            meta = state[name]
+            gid = id(meta)
+            if gid in done:
+                hasher.add(name, *done[gid], None)
+                continue
+            key = stored_name(groups[gid])
+            t = where[key].get_tensor(key)
+            if t.is_floating_point() and meta.is_floating_point():
+                t = t.to(meta.dtype)
+            if tuple(t.shape) != tuple(meta.shape):
+                raise ModelLoadError(f"{model_dir}: tensor {key} has shape {tuple(t.shape)}, {cls.__name__} "
+                                     f"expects {tuple(meta.shape)}")
+            done[gid] = (t.dtype, tuple(t.shape))
+            hasher.add(name, t.dtype, tuple(t.shape), t)
+            del t
     return hasher.hexdigest()
 
 

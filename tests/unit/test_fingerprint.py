@@ -81,6 +81,18 @@ def test_sharded_checkpoint_gives_the_same_fingerprint(pair, tmp_path, kdn_home)
     model.save_pretrained(sharded, max_shard_size="20KB")
     assert len(list(sharded.glob("*.safetensors"))) > 2
     assert fingerprint_from_checkpoint(sharded, torch.float32).digest == model_fingerprint(model).digest
+    # a stray copy of the weights under other names (as Mistral's consolidated.safetensors) is not read
+    (sharded / "consolidated.safetensors").write_bytes(b"not read")
+    assert fingerprint_from_checkpoint(sharded, torch.float32, cache=False).digest == model_fingerprint(model).digest
+
+
+def test_a_damaged_weights_file_is_a_clear_error(pair, tmp_path, kdn_home):
+    broken = tmp_path / "damaged"
+    broken.mkdir()
+    (broken / "config.json").write_text((pair["tied"] / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        fingerprint_from_checkpoint(broken, torch.float32)
 
 
 def test_the_weights_digest_is_cached_next_to_kdn_home_and_invalidated_by_a_changed_file(pair, kdn_home,
