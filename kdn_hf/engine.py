@@ -381,13 +381,11 @@ class KDN:
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits [vocab] float32 from the last layer's output [hidden] of one row
-        (the model's final norm, then its LM head)."""
-        base = self.model.get_decoder()
-        with torch.inference_mode():
-            return self.model.get_output_embeddings()(base.norm(hidden[None, None]))[0, 0].float()
+        (as the model computes them: kdn_hf.blend.runner.LayerRunner.logits)."""
+        from kdn_hf.blend.runner import layer_runner
 
-    #: CausalLM classes whose logits are exactly lm_head(norm(last hidden)) (no soft-capping or scaling)
-    _PLAIN_HEAD = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+        return layer_runner(self.model).logits(hidden)
+
     #: generation settings that change which token greedy decoding picks first (any non-default one
     #: sends generate down the stock path)
     _FIRST_TOKEN_SETTINGS = (
@@ -400,9 +398,11 @@ class KDN:
 
     def _greedy_first_token(self, mode: str, user_kwargs: dict) -> bool:
         """Whether generate may take its first token from the blend's last row: plain greedy decoding
-        (no user generation arguments, default settings) on a model whose logits are the LM head of the
-        final norm. Otherwise stock generate computes the question's last token and picks the token."""
-        if mode != "blend" or user_kwargs or type(self.model).__name__ not in self._PLAIN_HEAD:
+        (no user generation arguments, default settings) on a model whose logits the layer runner computes
+        exactly (``LayerRunner.logits_exact``). Otherwise stock generate computes the question's last token and picks the token."""
+        from kdn_hf.blend.runner import layer_runner
+
+        if mode != "blend" or user_kwargs or not layer_runner(self.model).logits_exact:
             return False
         from transformers import GenerationConfig
 
