@@ -317,11 +317,14 @@ def self_check(model, runner: LayerRunner) -> tuple[str | None, str | None]:
     """Check ``runner`` against ``model``'s own forward once: a ratio-1 recompute of a short probe
     prompt (every row from layer 0, the last one a question row) must reproduce the prefill KV, and
     ``runner.logits`` of its last row the model's logits. Returns (why the KV differs or None, why
-    the logits differ or None). Tolerance: relative error 1e-4 in float32, 2e-2 in lower precision
-    (a structural mismatch, e.g. a missing embedding scale, is off by far more)."""
+    the logits differ or None). Tolerance: relative error 1e-3 in float32, 2e-2 in lower precision
+    (kernel rounding is far below; a structural mismatch, e.g. a missing embedding scale or logit
+    soft-capping, is off by far more)."""
     from kdn_hf.compute import prefill, stack_cache
 
-    windows = [p.window for p in runner.plans if p.window is not None]
+    # the config's window too: a layer misread as full attention then shows on the probe
+    windows = [w for w in [p.window for p in runner.plans] + [getattr(runner.config, "sliding_window", None)]
+               if isinstance(w, int) and w > 0]
     n = PROBE_TOKENS if not windows else max(PROBE_TOKENS, min(MAX_PROBE_TOKENS, min(windows) + 4))
     vocab = int(runner.base.embed_tokens.weight.shape[0])
     device = runner.base.embed_tokens.weight.device
@@ -334,7 +337,7 @@ def self_check(model, runner: LayerRunner) -> tuple[str | None, str | None]:
                          last_hidden=True)
     except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as e:
         return f"running its layers one by one failed ({type(e).__name__}: {e})", "not checked"
-    tol = 1e-4 if ref.dtype == torch.float32 else 2e-2
+    tol = 1e-3 if ref.dtype == torch.float32 else 2e-2
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))

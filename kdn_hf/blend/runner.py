@@ -217,14 +217,12 @@ class LayerRunner:
             raise _Refused(f"layer {i} has attention type {kind!r} (supported: {', '.join(_ATTENTION_TYPES)})")
         if hasattr(attn, "sliding_window"):  # Qwen2/3, Gemma 2/3: set per layer from layer_types
             window = attn.sliding_window
-        elif kind is not None:
-            window = cfg.sliding_window if kind == "sliding_attention" else None
-        else:  # Mistral: every layer reads the config's
+        else:  # Mistral, Mixtral, Phi3, Starcoder2: the mask of every layer uses the config's
             window = getattr(cfg, "sliding_window", None)
         if kind == "sliding_attention" and window is None:
             raise _Refused(f"layer {i} is a sliding_attention layer without a sliding_window")
         if kind == "full_attention" and window is not None:
-            raise _Refused(f"layer {i} is a full_attention layer whose attention has sliding_window={window}")
+            raise _Refused(f"layer {i} is a full_attention layer, but its attention uses sliding_window={window}")
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise _Refused(f"layer {i} has sliding_window={window!r} (expected a positive int)")
         if self._rope_by_type:
