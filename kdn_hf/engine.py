@@ -398,8 +398,9 @@ class KDN:
 
     def _greedy_first_token(self, mode: str, user_kwargs: dict) -> bool:
         """Whether generate may take its first token from the blend's last row: plain greedy decoding
-        (no user generation arguments, default settings) on a model whose logits the layer runner computes
-        exactly (``LayerRunner.logits_exact``). Otherwise stock generate computes the question's last token and picks the token."""
+        (no user generation arguments, default settings) on a model whose logits the layer runner
+        computes exactly (``LayerRunner.logits_exact``). Otherwise stock generate computes the
+        question's last token and picks the token."""
         from kdn_hf.blend.runner import layer_runner
 
         if mode != "blend" or user_kwargs or not layer_runner(self.model).logits_exact:
