@@ -8,6 +8,7 @@ stock ``model.generate(past_key_values=KDNCache(...))``.
 from kdn_hf.cache import KDNCache
 from kdn_hf.engine import KDN, MODES
 from kdn_hf.errors import (
+    BlendUnsupportedError,
     ConfigError,
     ContextTooLongError,
     CorruptEntryError,
@@ -29,6 +30,7 @@ __all__ = [
     "GenerateStats",
     "PrepareStats",
     "KDNError",
+    "BlendUnsupportedError",
     "ConfigError",
     "InputError",
     "ContextTooLongError",

@@ -207,11 +207,13 @@ def cmd_bench(args) -> int:
     args.questions = 50 if args.questions is None else args.questions
     args.reps = 3 if args.reps is None else args.reps
     methods = methods_from(_names(args.methods), _floats(args.ratios), _names(args.selection))
-    from kdn_hf.bench.workload import SYSTEM
+    from kdn_hf import models
+    from kdn_hf.bench.workload import chat_format
 
-    lead_in = SYSTEM if args.lead_in == "system" else None
-    kdn = KDN.from_pretrained(args.model, store=args.store or ["memory://?budget=4GiB"], namespace=args.namespace,
-                              lead_in=lead_in)
+    model, tokenizer = models.load(args.model)
+    lead_in = chat_format(tokenizer)[0] if args.lead_in == "system" else None
+    kdn = KDN(model, tokenizer, store=args.store or ["memory://?budget=4GiB"], namespace=args.namespace,
+              lead_in=lead_in)
     store_name = "+".join(t.name for t in kdn.store.tiers)
     doc_tokens = [int(x) for x in _names(args.doc_tokens)]
     rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,

@@ -15,10 +15,38 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-# SmolLM2-Instruct's chat format: the documents sit in the user turn, the question closes it.
-SYSTEM = ("<|im_start|>system\nYou are a helpful assistant. Answer the question with a few words, using only "
-          "the documents.<|im_end|>\n<|im_start|>user\n")
+from kdn_hf.prompt import opener_ids
+
+INSTRUCTION = "You are a helpful assistant. Answer the question with a few words, using only the documents."
+# SmolLM2-Instruct's chat format (what chat_format gives for it): the documents sit in the user turn, the
+# question closes it.
+SYSTEM = f"<|im_start|>system\n{INSTRUCTION}<|im_end|>\n<|im_start|>user\n"
 QUESTION = "Question: {question}<|im_end|>\n<|im_start|>assistant\n"
+#: Gemma's turns (its GGUF carries no chat template): no system role, the instruction opens the user turn
+_GEMMA = (f"<start_of_turn>user\n{INSTRUCTION}\n\n", "Question: {question}<end_of_turn>\n<start_of_turn>model\n")
+
+
+def chat_format(tokenizer) -> tuple[str, str]:
+    """(system chunk, question template with ``{question}``) in the model's chat format, the documents
+    sitting between them in the user turn: rendered from the tokenizer's chat template where it has one
+    (BOS left out: it is the prompt's opener), else Gemma's or ChatML turns when the vocabulary has their
+    markers, else plain text."""
+    mark = "\x00KDN_USER\x00"
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": INSTRUCTION}, {"role": "user", "content": mark}],
+            tokenize=False, add_generation_prompt=True)
+        head, tail = rendered.split(mark)
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and head.startswith(bos) and opener_ids(tokenizer):  # BOS the tokenizer adds: the opener
+            head = head[len(bos):]
+        return head, "Question: {question}" + tail.replace("{", "{{").replace("}", "}}")
+    vocab = tokenizer.get_vocab()
+    if "<start_of_turn>" in vocab:
+        return _GEMMA
+    if "<|im_start|>" in vocab:
+        return SYSTEM, QUESTION
+    return INSTRUCTION + "\n\n", "Question: {question}\nAnswer:"
 
 
 @lru_cache(maxsize=1)
@@ -74,7 +102,8 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
     for d in docs:
         ids = enc(d["text"])[:doc_tokens]
         cut[d["id"]] = (ids + sep, tokenizer.decode(ids))
-    system = enc(SYSTEM)
+    system_text, question_format = chat_format(tokenizer)
+    system = enc(system_text)
     cases = []
     for n, q in enumerate(data["questions"]):
         if q["kind"] not in kinds:
@@ -88,7 +117,7 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
         picked = [others[(n * 5 + j * step) % len(others)] for j in range(k - 1)]
         at = n % k
         layout = picked[:at] + [q["doc"]] + picked[at:]
-        question = enc(QUESTION.format(question=q["question"]))
+        question = enc(question_format.format(question=q["question"]))
         chunks = (system, *(cut[i][0] for i in layout), question)
         cases.append(RagCase(q["id"], chunks, tuple(q["answers"]), q["kind"], at))
     if limit is not None:

@@ -71,3 +71,26 @@ def test_bench_codec_reports_size_decode_kl_ttft_and_ingest(tmp_path, capsys):
         assert sum(r["hits"].values()) >= 2  # every unit of the timed prompt came from the store
     assert none["kl_vs_none"] == 0.0 and ent["kl_vs_none"] == pytest.approx(int4["kl_vs_none"], abs=1e-6)
     assert by["disk", "int4"]["vs_memory"] > 0
+
+
+def test_bench_prompts_follow_the_models_chat_format(smol):
+    """The rag prompts use the model's own turns: SmolLM2's chat template renders exactly the ChatML
+    strings the README's figures were measured with; a tokenizer without a template but with Gemma's turn
+    markers gets Gemma's turns (its GGUF ships no template); documents sit in the user turn."""
+    from kdn_hf.bench.workload import QUESTION, SYSTEM, chat_format
+
+    tok = smol[1]
+    assert chat_format(tok) == (SYSTEM, QUESTION)
+    case = rag_cases(tok, k=2, doc_tokens=32, limit=1)[0]
+    assert tok.decode(case.chunks[0]).endswith("<|im_start|>user\n")
+    assert tok.decode(case.chunks[-1]).endswith("<|im_start|>assistant\n")
+
+    class GemmaLike:
+        chat_template = None
+
+        def get_vocab(self):
+            return {"<start_of_turn>": 105, "<end_of_turn>": 106}
+
+    system, question = chat_format(GemmaLike())
+    assert system.startswith("<start_of_turn>user\n") and question.endswith("<start_of_turn>model\n")
+    assert "<|im_start|>" not in system + question
