@@ -13,7 +13,12 @@ Two stages, each overlapping the next:
    thread walks the layers: for layer l it decodes layer l of every distinct
    chunk, re-rotates its K to the chunk's prompt positions
    (``kdn_hf.kernels.rerotate``: Triton on CUDA, torch otherwise), writes it into ``out[l]`` and marks layer l
-   ready. The consumer reads layer l only after ``wait(l)``: selective
+   ready. Where the Triton kernels run (CUDA), an int8 / int4 entry's layer is
+   instead decoded, re-rotated and written in one
+   ``kdn_hf.kernels.decode_rerotate_scatter`` call per place. On CPU the codec's
+   decoder serves: the fused torch path gives the same bytes but no speed there,
+   and is slower for a chunk placed twice (it decodes once per place, the codec
+   path once per layer). The consumer reads layer l only after ``wait(l)``: selective
    recompute (``kdn_hf.blend.recompute(..., wait_layer=wait)``) runs layer l
    while layers l+1, l+2, ... are still being decoded and re-rotated; a
    reuse-only request waits for the last layer.
@@ -44,9 +49,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from kdn_hf.kernels import rerotate
+from kdn_hf.errors import InputError
+from kdn_hf.kernels import QuantKV, decode_rerotate_scatter, rerotate, resolve
+from kdn_hf.kernels.dequant import bits_of
 from kdn_hf.rope import RopeSpec
 from kdn_hf.store import KVStore, StoreHit
+from kdn_hf.store.entry import OpenEntry
 
 log = logging.getLogger("kdn_hf")
 
@@ -141,11 +149,29 @@ class _SourceFailed(Exception):
 
 
 class _Group:
-    """Every place of one key: decode once per layer, write it at each (at, n, delta) place."""
+    """Every place of one key: decode once per layer, write it at each (at, n, delta) place.
+
+    entry: the int8 / int4 OpenEntry behind ``layers`` (None for other codecs and computed chunks),
+    which the fused path decodes itself; quant: its QuantKV, made on the first layer composed."""
 
     def __init__(self, src: LayerSource) -> None:
         self.key, self.layers, self.stored = src.key, src.layers, src.stored
         self.places: list[tuple[int, int, int | torch.Tensor | None]] = []
+        self.entry = _quantized_entry(src)
+        self.quant: QuantKV | None = None
+
+
+def _quantized_entry(src: LayerSource) -> OpenEntry | None:
+    """The OpenEntry whose ``layers`` (a bound ``OpenEntry.layers``) ``src`` decodes, when its codec is
+    int8 / int4[-g<N>]; else None."""
+    entry = getattr(src.layers, "__self__", None)
+    if not src.stored or not isinstance(entry, OpenEntry):
+        return None
+    try:
+        bits_of(entry.codec)
+    except InputError:  # a codec the fused decoder does not read
+        return None
+    return entry
 
 
 def _delta(positions: torch.Tensor, at: int, spec: RopeSpec) -> int | torch.Tensor | None:
@@ -164,10 +190,13 @@ class LayerwiseComposer:
     one layer of the whole prompt at a time; ``wait(l)`` returns once ``out[l]`` is written.
 
     Layers below ``first_layer`` are not written (blending overwrites them without reading them).
+    ``fused``: decode int8 / int4 entries with ``decode_rerotate_scatter`` (None: where the Triton
+    kernels run on ``out``, see the module docstring; True / False force it, for tests and benchmarks).
     Close it (or use ``with``): ``close`` stops the thread after its current chunk and joins it.
     """
 
-    def __init__(self, out: torch.Tensor, sources: Sequence[LayerSource], spec: RopeSpec, first_layer: int = 0) -> None:
+    def __init__(self, out: torch.Tensor, sources: Sequence[LayerSource], spec: RopeSpec, first_layer: int = 0,
+                 *, fused: bool | None = None) -> None:
         self.out = out
         self.spec = spec
         self.num_layers = out.shape[0]
@@ -177,6 +206,7 @@ class LayerwiseComposer:
             g = groups.setdefault(src.key, _Group(src))
             g.places.append((src.at, src.positions.numel(), _delta(src.positions, src.at, spec)))
         self._groups = list(groups.values())
+        self._fused = resolve("auto", out) == "triton" if fused is None else fused
         self._cond = threading.Condition()
         self._ready = self.first_layer  # layers < _ready are written
         self._finished = False
@@ -186,6 +216,9 @@ class LayerwiseComposer:
         self._thread.start()
 
     def _compose_layer(self, layer: int, g: _Group) -> None:
+        if self._fused and g.entry is not None and g.entry.dtype == self.out.dtype:
+            self._compose_quant_layer(layer, g)
+            return
         try:
             kv = g.layers(layer, layer + 1)[0]  # [2, kv_heads, tokens, head_dim]
         except Exception as e:  # the chunk's own fault (an entry that does not decode)
@@ -199,6 +232,21 @@ class LayerwiseComposer:
             else:
                 rerotate(kv[0], delta, w, layout=self.spec.layout, out=dst[0])
                 dst[1].copy_(kv[1])
+
+    def _compose_quant_layer(self, layer: int, g: _Group) -> None:
+        """Layer ``layer`` of an int8 / int4 entry decoded, its K re-rotated and written at every
+        place in one ``decode_rerotate_scatter`` call per place."""
+        if g.quant is None:
+            try:  # checks every codec tensor against the entry's shape: the decode below cannot fail on them
+                g.quant = QuantKV.from_tensors(g.entry.codec_tensors(self.out.device), g.entry.codec,
+                                               g.entry.dtype, g.entry.shape)
+            except Exception as e:  # the chunk's own fault (an entry that does not decode)
+                raise _SourceFailed from e
+        w = self.spec.inv_freq(layer)  # None: a layer without RoPE
+        k_dst, v_dst = self.out[layer : layer + 1, 0], self.out[layer : layer + 1, 1]  # [1, kv_heads, T, head_dim]
+        for at, _, delta in g.places:
+            decode_rerotate_scatter(g.quant, k_dst, v_dst, layers=(layer, layer + 1), rows=at,
+                                    delta=None if w is None else delta, inv_freq=w, layout=self.spec.layout)
 
     def _run(self) -> None:
         layer, g = None, None

@@ -8,7 +8,9 @@ runner, built once per model (``layer_runner(model)``, cached), knows it:
   position i sees keys at positions ``i - window < p <= i``, the ``sliding_window_overlay``
   convention of transformers' masks), the argument of its RoPE call (Gemma 3 has one embedding
   per layer type), whether the grouped fast path applies (a Llama-style layer with full attention
-  and no soft-capping) and whether its attention weights can be recomputed for the question pass;
+  and no soft-capping; its attention is ``kdn_hf.kernels.selected_attention``'s Triton kernel on
+  CUDA, SDPA by causal groups of rows on CPU) and whether its attention weights can be recomputed
+  for the question pass;
 - the embedding: ``embed_tokens``, which scales itself where the model does (Gemma);
 - the logits of one row as the model computes them (final norm, LM head and, where the config
   has one, ``final_logit_softcapping``): ``logits`` and ``logits_exact``.
@@ -39,6 +41,7 @@ import torch.nn.functional as F
 
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.errors import BlendUnsupportedError
+from kdn_hf.kernels import resolve, selected_attention
 
 #: decoder layers whose forward is exactly ``_grouped_layer``'s (pre-norm attention + MLP, RoPE on
 #: Q/K, optional per-head q_norm/k_norm): their full-attention layers attend group by group
@@ -366,9 +369,9 @@ class LayerRunner:
 
 
 def _grouped_layer(layer, hidden, rs, pos_emb, cache: ScatterCache, kv_only: bool = False):
-    """The forward of a Llama-style decoder layer (full attention) on the rows ``rs``, attending one
-    causal group of rows at a time over the keys that group can see (``_Rows.groups``), with SDPA
-    at the model's scaling. Same result as the stock forward with the full causal mask.
+    """The forward of a Llama-style decoder layer (full attention) on the rows ``rs``, its attention
+    by :func:`grouped_attention` at the model's scaling. Same result as the stock forward with the
+    full causal mask.
 
     hidden: [1, rows, hidden]; pos_emb: (cos, sin) [1, rows, head_dim] of the rows;
     returns [1, rows, hidden], or None with ``kv_only``.
@@ -392,18 +395,36 @@ def _grouped_layer(layer, hidden, rs, pos_emb, cache: ScatterCache, kv_only: boo
         return None
     finally:
         cache.probe = False
-    heads, kv_heads, d = q.shape[1], keys.shape[1], q.shape[3]
+    hidden = hidden + attn.o_proj(grouped_attention(q, keys, values, rs, attn.scaling))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def grouped_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rs, scale: float,
+                      backend: str = "auto") -> torch.Tensor:
+    """Full causal attention of the rows ``rs`` (a ``recompute._Rows`` with sorted rows: ``rs.groups``
+    is not None) over every key: [1, rows, heads * head_dim].
+
+    q:       [1, heads, rows, head_dim], RoPE applied, row i at position ``rs.rows[i]``.
+    keys, values: [1, kv_heads, tokens, head_dim], key j at position j; heads h*g..h*g+g-1 read kv
+             head h (g = heads // kv_heads, HF's ``repeat_kv`` order).
+    backend: "auto": ``kdn_hf.kernels.selected_attention``'s Triton kernel where it runs (CUDA), else
+             SDPA one causal group of rows at a time over the keys that group can see (the CPU path);
+             "torch" / "triton": ``selected_attention`` with that backend (tests).
+    """
+    heads, kv_heads, n, d = q.shape[1], keys.shape[1], q.shape[2], q.shape[3]
+    if backend != "auto" or resolve("auto", q) == "triton":
+        # the grouped plan takes full-attention layers only: no window
+        o = selected_attention(q, keys, values, rs.rows, scale=scale, window=None, backend=backend)
+        return o[0].transpose(0, 1).reshape(1, n, heads * d)
     g = heads // kv_heads
     out = []
     for a, b, m, mask in rs.groups_for(g):
         # grouped-query: heads h*g..h*g+g-1 share kv head h, so fold them into the rows (no copy of K/V)
         qg = q[0, :, a:b].reshape(1, kv_heads, g * (b - a), d)
         o = F.scaled_dot_product_attention(qg, keys[:, :, :m], values[:, :, :m], attn_mask=mask,
-                                           scale=attn.scaling)  # [1, kv_heads, g * rows, head_dim]
+                                           scale=scale)  # [1, kv_heads, g * rows, head_dim]
         out.append(o.reshape(heads, b - a, d).transpose(0, 1))  # [rows of the group, heads, head_dim]
-    o = torch.cat(out, dim=0).reshape(1, n, heads * d)
-    hidden = hidden + attn.o_proj(o)
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return torch.cat(out, dim=0).reshape(1, n, heads * d)
 
 
 _RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

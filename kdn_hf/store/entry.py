@@ -191,6 +191,12 @@ class OpenEntry:
             self._decode_range = self._codec_call(
                 layer_decoder, get_codec(self.codec), self._tensors, self.dtype, self.shape)
 
+    def codec_tensors(self, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+        """The codec's stored tensors (``kv*``; see the module docstring), unverified by the codec,
+        on ``device`` (default: the entry's). For decoders that read the codec's layout themselves
+        (``kdn_hf.kernels.QuantKV.from_tensors``); the dict is new, the tensors may be shared."""
+        return {name: t if device is None else t.to(device) for name, t in self._tensors.items()}
+
     def layers(self, start: int, stop: int) -> torch.Tensor:
         """kv[start:stop] ([stop - start, 2, kv_heads, tokens, head_dim]), on the entry's device."""
         self.prepare_layers()

@@ -57,3 +57,37 @@ def test_sliding_window_layers_keep_the_stock_path():
     assert not any(rc.groupable(layer) for layer in _tiny("mistral", sliding_window=32).model.layers)
     assert not any(rc.groupable(layer) for layer in
                    _tiny("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0).model.layers)
+
+
+@pytest.mark.parametrize("group_rows", [3, 10_000])
+def test_selected_attention_call_equals_the_grouped_sdpa_loop(group_rows, monkeypatch):
+    """The call CUDA makes (``selected_attention`` over every key, its torch backend here: the Triton
+    kernel is checked against it in test_kernels_attention) gives the CPU path's grouped SDPA result:
+    the GQA head order, the positions and the output layout agree."""
+    import kdn_hf.blend.runner as runner_mod
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = _tiny("llama")
+    monkeypatch.setattr(rc, "GROUP_ROWS", group_rows)
+    layer, T = model.model.layers[1], 90
+    attn = layer.self_attn
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randperm(T, generator=g)[:37].sort().values
+    with torch.inference_mode():
+        hidden = torch.randn(1, rows.numel(), TINY["hidden_size"], generator=g)
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(x).view(1, rows.numel(), -1, attn.head_dim).transpose(1, 2)  # [1, 4, rows, 16]
+        tables = model.model.rotary_emb(x, position_ids=torch.arange(T)[None])
+        rs = rc._Rows(rows, T, tables, q.dtype, own_causal=True)
+        cos, sin = rs.pos_emb_for(None)
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        keys, values = torch.randn(2, 1, TINY["num_key_value_heads"], T, attn.head_dim, generator=g)
+        calls = []
+        real = runner_mod.selected_attention
+        monkeypatch.setattr(runner_mod, "selected_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        loop = runner_mod.grouped_attention(q, keys, values, rs, attn.scaling)  # CPU: the grouped SDPA loop
+        assert not calls
+        kernel_path = runner_mod.grouped_attention(q, keys, values, rs, attn.scaling, backend="torch")
+        assert calls
+    assert loop.shape == kernel_path.shape == (1, rows.numel(), q.shape[1] * attn.head_dim)
+    assert (loop - kernel_path).abs().max().item() <= 1e-5
