@@ -50,8 +50,10 @@ def compose(units: Sequence[Unit], resolution: Resolution, spec: RopeSpec, geome
     if not layerwise:
         _compose_whole(units, resolution, spec, out)
         return Composition(out)
-    sources = [LayerSource(u.key, resolution.sources[u.key].layers, resolution.sources[u.key].positions, u.start,
-                           resolution.sources[u.key].stored) for u in units]
+    sources = []
+    for u in units:
+        src = resolution.sources[u.key]
+        sources.append(LayerSource(u.key, src.layers, src.positions, u.start, src.stored, src.entry))
 
     def replace(key: str):
         note_corrupt(key)

@@ -123,6 +123,8 @@ class LayerSource:
     positions: [tokens] int64, the positions its K was computed at.
     at:        its first slot in the prompt; it fills slots at .. at + tokens - 1.
     stored:    True when ``layers`` decodes a store entry (an error in it is the entry's fault).
+    entry:     the OpenEntry ``layers`` decodes, when known (the fused int8 / int4 path reads its
+               codec tensors itself); None for computed chunks.
     """
 
     key: str
@@ -130,6 +132,7 @@ class LayerSource:
     positions: torch.Tensor
     at: int
     stored: bool = True
+    entry: OpenEntry | None = None
 
 
 class ComposeError(RuntimeError):
@@ -162,9 +165,8 @@ class _Group:
 
 
 def _quantized_entry(src: LayerSource) -> OpenEntry | None:
-    """The OpenEntry whose ``layers`` (a bound ``OpenEntry.layers``) ``src`` decodes, when its codec is
-    int8 / int4[-g<N>]; else None."""
-    entry = getattr(src.layers, "__self__", None)
+    """The OpenEntry ``src`` decodes, when its codec is int8 / int4[-g<N>]; else None."""
+    entry = src.entry
     if not src.stored or not isinstance(entry, OpenEntry):
         return None
     try:
@@ -350,5 +352,5 @@ class Composition:
                         failed.key, failed.layer, failed.__cause__)
             replaced.add(failed.key)
             layers, positions = self.replace(failed.key)
-            self.sources = [dataclasses.replace(s, layers=layers, positions=positions, stored=False)
+            self.sources = [dataclasses.replace(s, layers=layers, positions=positions, stored=False, entry=None)
                             if s.key == failed.key else s for s in self.sources]

@@ -70,6 +70,7 @@ class Source:
     positions: [tokens] int64, the positions its K was computed at.
     tier:      the store tier that served it, or None when this request computed it.
     nbytes:    bytes of its decoded kv.
+    entry:     the undecoded OpenEntry behind ``layers`` (a layer-wise hit), else None.
     """
 
     unit: Unit
@@ -77,6 +78,7 @@ class Source:
     positions: torch.Tensor
     tier: str | None
     nbytes: int
+    entry: object | None = None
 
     @property
     def stored(self) -> bool:
@@ -134,9 +136,11 @@ def resolve(units: Sequence[Unit], get, geometry: Geometry, compute: Callable[[U
                 note_corrupt(unit.key)
                 entry = None
         if entry is not None:
-            layers = entry.layers if hasattr(entry, "layers") and callable(entry.layers) else (
-                lambda start, stop, kv=entry.kv: kv[start:stop])
-            out.sources[unit.key] = Source(unit, layers, entry.positions, tier, entry.nbytes)
+            if isinstance(entry, ChunkKV):  # decoded whole
+                out.sources[unit.key] = Source(unit, lambda start, stop, kv=entry.kv: kv[start:stop],
+                                               entry.positions, tier, entry.nbytes)
+            else:  # an OpenEntry: its layers decode on demand
+                out.sources[unit.key] = Source(unit, entry.layers, entry.positions, tier, entry.nbytes, entry)
         else:
             chunk = compute(unit)
             out.computed.append((unit.key, chunk))

@@ -38,8 +38,8 @@ def _sources(codec: str, dtype: torch.dtype) -> tuple[list[LayerSource], int]:
     a = _entry("a", codec, dtype, torch.arange(9), 0)
     b = _entry("b", codec, dtype, torch.arange(30, 47), 1)  # 17 tokens: an odd int4 code run
     c = _entry("c", codec, dtype, torch.cat([torch.arange(5), torch.arange(20, 26)]), 2)
-    srcs = [LayerSource("a", a.layers, a.positions, 0), LayerSource("b", b.layers, b.positions, 9),
-            LayerSource("c", c.layers, c.positions, 26), LayerSource("a", a.layers, a.positions, 37)]
+    srcs = [LayerSource("a", a.layers, a.positions, 0, entry=a), LayerSource("b", b.layers, b.positions, 9, entry=b),
+            LayerSource("c", c.layers, c.positions, 26, entry=c), LayerSource("a", a.layers, a.positions, 37, entry=a)]
     return srcs, 46
 
 
@@ -97,9 +97,28 @@ def test_forged_int_entry_is_the_entrys_fault_on_both_paths(fused):
     tensors["kv.k.q"] = tensors["kv.k.q"][:-3]  # fewer codes than the shape needs
     forged = OpenEntry(key="b", codec="int4", dtype=good.dtype, shape=good.shape, tensors=tensors,
                        positions=good.positions, token_ids=good.token_ids, meta={}, device="cpu")
-    srcs[1] = LayerSource("b", forged.layers, forged.positions, 9)
+    srcs[1] = LayerSource("b", forged.layers, forged.positions, 9, entry=forged)
     out = torch.empty(L, 2, H, total, D)
     with LayerwiseComposer(out, srcs, spec, fused=fused) as c:
         with pytest.raises(ComposeError) as info:
             c.wait_all()
     assert info.value.key == "b" and info.value.stored and info.value.layer == 0
+
+
+def test_resolve_and_compose_hand_the_open_entry_to_the_composer():
+    """The stages pass a layer-wise hit's OpenEntry down to the composer (what the fused path reads);
+    computed chunks carry none."""
+    from kdn_hf.compose import compose
+    from kdn_hf.plan import Unit
+    from kdn_hf.resolve import Geometry, resolve
+    from kdn_hf.store import StoreHit
+
+    stored = _entry("k0", "int4", torch.float32, torch.arange(1, 10), 0)
+    units = [Unit(tuple(range(9)), (7,), "k0", 0, False), Unit(tuple(range(5)), (7,), "k1", 9, False)]
+    computed = ChunkKV(torch.randn(L, 2, H, 5, D), torch.arange(1, 6), torch.arange(5))
+    geometry = Geometry(L, H, D, torch.float32)
+    get = lambda key: StoreHit(stored, "memory") if key == "k0" else StoreHit(None, None)
+    res = resolve(units, get, geometry, lambda u: computed, lambda key: None)
+    comp = compose(units, res, _spec("half"), geometry, "cpu", compute=lambda u: computed,
+                   note_corrupt=lambda key: None)
+    assert [s.entry for s in comp.sources] == [stored, None]
