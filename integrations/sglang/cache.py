@@ -61,6 +61,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
 from kdn_hf.errors import ConfigError
 from kdn_hf.plan import KeyPolicy, Unit
+from kdn_hf.resolve import Geometry, entry_mismatch, expected_positions
 from kdn_hf.rope import RopeSpec, rerotate_layer
 from kdn_hf.store import KVStore
 
@@ -326,43 +327,37 @@ class KDNRadixCache(RadixCache):
         self.kv_events.record_store(new)
         return new
 
+    def _verified(self, key: str, unit: Unit, geometry: Geometry):
+        """The ChunkKV under ``key`` if it holds ``unit`` (ids, positions after its context, the pool's
+        geometry: ``kdn_hf.resolve.entry_mismatch``, the check the HF path makes); else None, and an
+        entry that does not is counted corrupt and removed."""
+        chunk, _tier = self.store.get(key, self.fingerprint)
+        if chunk is None:
+            return None
+        why = entry_mismatch(chunk, unit.ids, expected_positions(unit), geometry)
+        if why is not None:
+            log.warning("entry %s does not hold what its key promises (%s); removed", key, why)
+            self.store.note_corrupt(key)
+            self.kdn_stats.corrupt += 1
+            return None
+        return chunk
+
     def _read(self, plan: _LoadPlan) -> Optional[torch.Tensor]:
         """The planned KV [layers, 2, kv_heads, end - device_len, head_dim], every entry verified; None if any fails."""
         layers, heads, head_dim, dtype = pool_geometry(self.kvcache)
+        geometry = Geometry(layers, heads, head_dim, dtype)
         parts = []
         for key, unit in plan.entries:
-            chunk, _tier = self.store.get(key, self.fingerprint)
+            chunk = self._verified(key, unit, geometry)
             if chunk is None:
-                return None
-            ok = (
-                chunk.token_ids.tolist() == list(unit.ids)
-                and torch.equal(chunk.positions.cpu(), torch.arange(unit.start, unit.end))
-                and tuple(chunk.kv.shape) == (layers, 2, heads, len(unit.ids), head_dim)
-                and chunk.kv.dtype == dtype
-            )  # fmt: skip
-            if not ok:
-                log.warning("entry %s does not hold the ids/positions/geometry its key promises; removed", key)
-                self.store.note_corrupt(key)
-                self.kdn_stats.corrupt += 1
                 return None
             lo, hi = max(unit.start, plan.device_len), min(unit.end, plan.end)
             parts.append(chunk.kv[:, :, :, lo - unit.start : hi - unit.start])
         for key, unit in plan.approx:
-            chunk, _tier = self.store.get(key, self.fingerprint)
+            chunk = self._verified(key, unit, geometry)
             if chunk is None:
                 return None
-            p0 = int(chunk.positions[0]) if chunk.num_tokens else 0
-            ok = (
-                chunk.token_ids.tolist() == list(unit.ids)
-                and torch.equal(chunk.positions.cpu(), torch.arange(p0, p0 + len(unit.ids)))
-                and tuple(chunk.kv.shape) == (layers, 2, heads, len(unit.ids), head_dim)
-                and chunk.kv.dtype == dtype
-            )  # fmt: skip
-            if not ok:
-                log.warning("chunk entry %s does not hold the ids/geometry its key promises; removed", key)
-                self.store.note_corrupt(key)
-                self.kdn_stats.corrupt += 1
-                return None
+            p0 = unit.context_start
             lo, hi = max(unit.start, plan.device_len), min(unit.end, plan.end)
             kv = chunk.kv[:, :, :, lo - unit.start : hi - unit.start].clone()
             for layer in range(layers):  # K from its stored positions p0.. to its prompt positions unit.start..

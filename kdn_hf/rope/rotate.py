@@ -45,58 +45,22 @@ from collections.abc import Sequence
 import torch
 
 from kdn_hf.errors import InputError
+from kdn_hf.kernels.rotary import reference
 from kdn_hf.rope.spec import RopeSpec
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _cos_sin(delta: torch.Tensor | int, inv_freq: torch.Tensor, device: torch.device, dtype: torch.dtype):
-    """cos/sin of delta * w: [n] for an int delta, [tokens, n] for a [tokens] delta."""
-    # float64 is not available on every backend (mps); there the angles are made on CPU.
-    where = device if device.type in ("cpu", "cuda") else torch.device("cpu")
-    w = inv_freq.to(where, torch.float64)
-    if isinstance(delta, int):
-        ang = float(delta) * w  # exact: |delta| < 2**53
-    else:
-        ang = delta.to(where, torch.float64)[:, None] * w
-    return ang.cos().to(device, dtype), ang.sin().to(device, dtype)
+# The rotation math itself (angles in float64 from the integer delta, the pair layouts, writing into
+# ``out``) is the kernels' torch reference: one implementation, which is also the CPU path of
+# ``kdn_hf.kernels.rerotate``.
+_compute_dtype = reference.compute_dtype
+_cos_sin = reference.cos_sin
 
 
 def _rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str, rotary_dim: int,
             out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate k [..., tokens, head_dim] by angles whose cos/sin are [n] or [tokens, n].
-
-    out: optional tensor of k's shape and dtype to write the result into (returned). For the common
-    case (half layout, whole head rotated, k already in the compute dtype) it is written in place
-    with one temporary, the same operations in the same order as the allocating path (bit-identical).
-    """
-    n = rotary_dim // 2
-    if (out is not None and layout == "half" and rotary_dim == k.shape[-1] and k.dtype == cos.dtype
-            and out.dtype == k.dtype and out.shape == k.shape):
-        x1, x2 = k[..., :n], k[..., n:]
-        o1, o2 = out[..., :n], out[..., n:]
-        tmp = x2 * sin
-        torch.mul(x1, cos, out=o1)
-        o1.sub_(tmp)  # x1 * cos - x2 * sin
-        torch.mul(x1, sin, out=tmp)
-        torch.mul(x2, cos, out=o2)
-        o2.add_(tmp)  # x2 * cos + x1 * sin
-        return out
-    kc = k.to(cos.dtype)
-    if layout == "half":
-        x1, x2 = kc[..., :n], kc[..., n:rotary_dim]
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        pairs = kc[..., :rotary_dim].unflatten(-1, (n, 2))  # [..., tokens, n, 2]
-        a, b = pairs[..., 0], pairs[..., 1]
-        rot = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
-    if rotary_dim < k.shape[-1]:
-        rot = torch.cat((rot, kc[..., rotary_dim:]), dim=-1)
-    if out is not None:
-        return out.copy_(rot)
-    return rot.to(k.dtype)
+    """Rotate the first ``rotary_dim`` dims (2 x cos's last dim) of k [..., tokens, head_dim] by the
+    angles of cos/sin."""
+    return reference.rotate(k, cos, sin, layout, out=out)
 
 
 def _as_positions(pos: torch.Tensor, name: str, tokens: int) -> torch.Tensor:
