@@ -36,7 +36,7 @@ from kdn_hf.kv import ChunkKV
 from kdn_hf.ledger import count_sources, prepare_stats
 from kdn_hf.plan import Unit, plan_chunks, plan_prefix
 from kdn_hf.prompt import Prompt
-from kdn_hf.resolve import Source, entry_mismatch, resolve, resolve_prefix
+from kdn_hf.resolve import Resolution, Source, computed_source, entry_mismatch, resolve, resolve_prefix
 from kdn_hf.result import PrepareStats
 from kdn_hf.store_back import StoreBack
 
@@ -123,7 +123,7 @@ def _prefix(kdn, prompt: Prompt, store_back: StoreBack) -> tuple[KDNCache, Prepa
             chunk = ChunkKV(full[:, :, :, unit.start:unit.end].contiguous(), torch.arange(unit.start, unit.end),
                             torch.tensor(unit.ids, dtype=torch.long))
             store_back.put(unit.key, chunk)
-            sources[unit.key] = Source(unit, lambda a, b: None, chunk.positions, None, chunk.nbytes)
+            sources[unit.key] = computed_source(unit, chunk)
     cache.token_ids = torch.tensor(ids, dtype=torch.long)
     stats = prepare_stats("prefix", len(prompt.chunk_ids), len(prompt))
     count_sources(stats, units, sources)
@@ -186,19 +186,21 @@ def _reuse(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
     # fetches start now, in the background; composing then runs layer by layer in the background
     # while the blend reads the layers already composed (kdn_hf.delivery)
     keys = [u.key for u in units]
-    with start_loading(kdn.store, keys, kdn.policy.fingerprint, decode=not kdn.layerwise) as loader:
-        resolution = resolve(units, loader.get, kdn.geometry, compute, kdn.store.note_corrupt)
-    composition = compose(units, resolution, kdn.rope_spec, kdn.geometry, device, compute=compute,
-                          note_corrupt=kdn.store.note_corrupt, first_layer=first_layer, extra=len(query) + req.reserve, layerwise=kdn.layerwise)
+    resolution = Resolution()
+    try:
+        with start_loading(kdn.store, keys, kdn.policy.fingerprint, decode=not kdn.layerwise) as loader:
+            resolve(units, loader.get, kdn.geometry, compute, kdn.store.note_corrupt, into=resolution)
+        composition = compose(units, resolution, kdn.rope_spec, kdn.geometry, device, compute=compute,
+                              note_corrupt=kdn.store.note_corrupt, first_layer=first_layer,
+                              extra=len(query) + req.reserve, layerwise=kdn.layerwise)
+        kv = None if composition is None else composition.run(blend)
+    finally:  # what was computed is right even if the request fails later: it reaches the store
+        req.store_back.put_all(resolution.computed)
     stats = prepare_stats(mode, len(prompt.chunk_ids), len(prompt))
     stats.backends = {"kernels": describe(device, kdn.geometry.dtype)["kernels"],
                       "attention": str(getattr(kdn.model.config, "_attn_implementation", None) or "eager")}
-    if composition is None:
+    if kv is None:
         return KDNCache(), stats
-    try:
-        kv = composition.run(blend)
-    finally:  # what was computed is right even if the request fails later: it reaches the store
-        req.store_back.put_all(resolution.computed)
     count_sources(stats, units, resolution.sources)
     logits = None
     if blend is not None:

@@ -85,7 +85,8 @@ class Source:
         return self.tier is not None
 
 
-def _computed_source(unit: Unit, chunk: ChunkKV) -> Source:
+def computed_source(unit: Unit, chunk: ChunkKV) -> Source:
+    """The source of a unit this request computed (``chunk``: its KV)."""
     kv = chunk.kv
     return Source(unit, lambda start, stop: kv[start:stop], chunk.positions, None, chunk.nbytes)
 
@@ -112,19 +113,20 @@ class Resolution:
         all) and make that its source."""
         chunk = compute(self.sources[key].unit)
         self.computed.append((key, chunk))
-        self.sources[key] = _computed_source(self.sources[key].unit, chunk)
+        self.sources[key] = computed_source(self.sources[key].unit, chunk)
         return self.sources[key]
 
 
 def resolve(units: Sequence[Unit], get, geometry: Geometry, compute: Callable[[Unit], ChunkKV],
-            note_corrupt: Callable[[str], None]) -> Resolution:
+            note_corrupt: Callable[[str], None], into: Resolution | None = None) -> Resolution:
     """A source for every distinct unit of ``units``.
 
     get:          ``get(key) -> StoreHit`` (a ``ChunkLoader``'s, or the store's): an entry or a miss.
     compute:      computes a unit's KV on its own, after its context (a miss).
     note_corrupt: called with the key of an entry that does not hold what its key promises.
+    into:         the Resolution to fill (returned), so a caller keeps what was computed before an error.
     """
-    out = Resolution()
+    out = Resolution() if into is None else into
     for unit in units:
         if unit.key in out.sources:  # the same chunk again in this prompt
             continue
@@ -144,7 +146,7 @@ def resolve(units: Sequence[Unit], get, geometry: Geometry, compute: Callable[[U
         else:
             chunk = compute(unit)
             out.computed.append((unit.key, chunk))
-            out.sources[unit.key] = _computed_source(unit, chunk)
+            out.sources[unit.key] = computed_source(unit, chunk)
     return out
 
 
@@ -163,5 +165,5 @@ def resolve_prefix(units: Sequence[Unit], get, geometry: Geometry, note_corrupt:
             note_corrupt(unit.key)
             break
         chunk = entry if isinstance(entry, ChunkKV) else entry.decode()
-        hits.append(dataclasses.replace(_computed_source(unit, chunk), tier=tier))
+        hits.append(dataclasses.replace(computed_source(unit, chunk), tier=tier))
     return hits

@@ -124,3 +124,22 @@ def test_kdncache_constructor_prepares_from_the_store_for_stock_generate(kdn, sm
         KDNCache(kdn)
     with pytest.raises(TypeError, match="KDN"):
         KDNCache("not a kdn", chunks=ctx)
+
+
+def test_chunks_computed_before_a_failure_still_reach_the_store(kdn, docs, monkeypatch):
+    """A request that fails after computing its missing chunks (here: in the blend) still stores them:
+    they are right, and the next request finds them."""
+    from kdn_hf.blend.stage import Blend
+
+    chunks = [SYSTEM, docs[0] + "\n\n", docs[2] + "\n\n", QUESTIONS[0]]
+
+    def broken(self, kv, wait_layer):
+        raise RuntimeError("injected blend failure")
+
+    monkeypatch.setattr(Blend, "__call__", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        kdn.generate(chunks, max_new_tokens=2)
+    assert all(kdn.store.contains(u.key) for u in kdn.plan(chunks[:-1]))
+    monkeypatch.undo()
+    again = kdn.generate(chunks, max_new_tokens=2)
+    assert again.stats.misses == 0 and again.stats.hit_count == len(kdn.plan(chunks[:-1]))
