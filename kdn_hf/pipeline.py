@@ -130,9 +130,10 @@ def _prefix(kdn, prompt: Prompt, store_back: StoreBack) -> tuple[KDNCache, Prepa
     return cache, stats
 
 
-def _blend_variant(ratio: float, selection: str) -> str:
-    params = sorted((k, repr(v)) for k, v in vars(get_selection(selection)).items())
-    return f"ratio={ratio!r};{selection};{params}"
+def _blend_variant(ratio: float, name: str, selection) -> str:
+    """How a prompt was blended, for its blend key: the ratio, the selection's name and parameters."""
+    params = sorted((k, repr(v)) for k, v in vars(selection).items())
+    return f"ratio={ratio!r};{name};{params}"
 
 
 def _blend_hit(kdn, key: str, ids: torch.Tensor, reserve: int) -> tuple[KDNCache, PrepareStats] | None:
@@ -162,10 +163,11 @@ def _reuse(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
     device = kdn.model.device
     query = tuple(req.query) if req.ratio > 0 else ()
     ids = torch.tensor(list(prompt.prompt_ids) + list(query), dtype=torch.long)
+    sel = get_selection(req.selection) if req.ratio > 0 else None
     blend_key = None
     if kdn.store_blends and query and req.keep_query and isinstance(req.selection, str):
         # the whole prompt's blended KV, question but its last token included (stock generate feeds that)
-        blend_key = kdn.policy.blend_key(ids.tolist(), _blend_variant(req.ratio, req.selection))
+        blend_key = kdn.policy.blend_key(ids.tolist(), _blend_variant(req.ratio, req.selection, sel))
         hit = _blend_hit(kdn, blend_key, ids[:-1], req.reserve)
         if hit is not None:
             cache, stats = hit
@@ -174,8 +176,7 @@ def _reuse(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
     units = plan_chunks(kdn.policy, prompt)
     blend = None
     first_layer = 0
-    if req.ratio > 0:
-        sel = get_selection(req.selection)
+    if sel is not None:
         first_layer = sel.fresh_layers(bool(query))  # overwritten for every token: not composed
         blend = Blend(kdn.model, ids, prompt.spans, req.ratio, sel, query_rows=len(query),
                       last_hidden=req.first_token and req.keep_query and bool(query))
