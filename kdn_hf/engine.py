@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from kdn_hf import env
 from kdn_hf.blend import DEFAULT_SELECTION, get_selection
+from kdn_hf.blend.runner import layer_runner
 from kdn_hf.cache import KDNCache
 from kdn_hf.codec import check_codec
 from kdn_hf.errors import ConfigError, ContextTooLongError, InputError
@@ -113,6 +114,9 @@ class KDN:
         self.layerwise = layerwise
         self._rope: RopeSpec | None = None
         self._rope_lock = threading.Lock()
+        # the layer runner's one-time check against the model's own forward, here rather than on the
+        # first blend request's clock (once per model and process; it never raises)
+        layer_runner(model).check()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2-135m", store=None, **kwargs) -> "KDN":

@@ -257,6 +257,18 @@ class LayerRunner:
             )
 
     @property
+    def checked(self) -> bool:
+        """Whether the self-check has run (``blend_error`` then holds its verdict)."""
+        return self._checked
+
+    def check(self) -> None:
+        """Run the once-per-model self-check now rather than in the first blend request (it costs a short
+        prefill and recompute: ~0.3 s for SmolLM2-135M, ~0.5 s for Gemma-3-270M on 2 CPU cores). Never
+        raises: ``require_blendable`` reports its verdict."""
+        if not self._checked:
+            self._self_check()
+
+    @property
     def logits_exact(self) -> bool:
         """Whether ``logits`` computes what the model's forward does (a known CausalLM head, agreeing
         with the model on the self-check's probe)."""

@@ -75,7 +75,12 @@ def test_library_defaults_follow_the_environment(monkeypatch, tmp_path):
     class Tok:  # the few tokenizer calls KDN makes at construction
         bos_token_id = None
 
+    from kdn_hf.blend.runner import layer_runner
+
+    assert not layer_runner(model).checked
     kdn = KDN(model, Tok())
+    # the layer runner's one-time self-check ran at construction, off the first blend request's clock
+    assert layer_runner(model).checked and layer_runner(model).blend_error is None
     assert (kdn.namespace, kdn.codec, [t.name for t in kdn.store.tiers]) == ("tenant-a", "fp16", ["memory", "disk"])
     explicit = KDN(model, Tok(), store="memory://", namespace="b", codec="none")
     assert (explicit.namespace, explicit.codec) == ("b", "none")
