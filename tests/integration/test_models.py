@@ -31,8 +31,17 @@ def test_local_directory_and_loaded_pair(smol, tmp_path):
     tok.save_pretrained(tmp_path / "tiny")
     kdn = KDN.from_pretrained(str(tmp_path / "tiny"), store="memory://")
     assert kdn.model.config.num_hidden_layers == 2
-    res = kdn.generate(["a document. ", "a question?"], max_new_tokens=3, mode="reuse")
-    assert len(res.token_ids) <= 3
+    chunks = ["a document. ", "a question?"]
+    res = kdn.generate(chunks, max_new_tokens=3, mode="prefix")
+    # the local model is the one that answers: its own stock greedy generate on the same ids
+    ids = torch.tensor([res.prompt_ids])
+    stock = kdn.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                               eos_token_id=None)[0, ids.shape[1]:].tolist()
+    assert res.token_ids == stock[:len(res.token_ids)] and res.token_ids
+    # and its chunks went to the store under its own fingerprint: a second request hits them
+    kdn.generate(chunks, max_new_tokens=3, mode="reuse")
+    again = kdn.generate(chunks, max_new_tokens=3, mode="reuse")
+    assert again.stats.tokens_reused > 0 and sum(again.stats.hits.values()) >= 1
     with pytest.raises(ModelLoadError, match="config.json"):
         models.load(tmp_path)  # a directory that holds no model
 
