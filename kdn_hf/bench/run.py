@@ -2,9 +2,13 @@
 
 Each result is one row (a plain dict) per (context length, method): timings from
 ``--timing-cases`` requests (median of ``--reps``, store warm), quality from
-``--questions`` requests against full prefill on the same prompt ids. Rows are
+``--questions`` requests against full prefill on the same prompt ids, from the
+QA split ``--split`` (test: reported figures; dev: the tuning split). Rows are
 printed as a table, written to ``--json`` and plotted to ``--plot``; new
-columns (store tier, codec, ...) are new keys of the same dicts.
+columns (store tier, codec, ...) are new keys of the same dicts. Each row with
+quality also carries ``per_question`` (answer, correct, EM, F1, KLs, top-1 per
+question) and ``flips`` against full prefill (question ids full answered and the
+method did not: ``lost``; the reverse: ``gained``).
 
 Methods:
 
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kdn_hf.bench.quality import _crop, greedy, score
+from kdn_hf.bench.quality import _crop, greedy, score, stop_ids
 from kdn_hf.bench.workload import RagCase, rag_cases
 from kdn_hf.errors import ConfigError
 
@@ -96,16 +100,23 @@ def time_methods(kdn, methods: list[Method], cases: list[RagCase], reps: int) ->
             for label, ts in ttfts.items()}
 
 
-def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, log=print) -> dict[str, dict]:
-    """Per method label: mean KL, agreement, answer NLL and accuracy over ``cases`` (vs full)."""
+#: per-question measures (score's keys) kept in the rows' ``per_question`` and averaged into columns
+MEASURES = ("kl", "answer_kl", "agree", "nll", "correct", "em", "f1")
+
+
+def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, log=print,
+            kl_tokens: int = 8) -> dict[str, dict]:
+    """Per method label: mean measures over ``cases`` against full prefill (any RagCase list: rag, or another
+    workload's), with ``per_question`` records and ``flips`` vs full. See ``quality.score``."""
     model, tok = kdn.model, kdn.tokenizer
-    acc: dict[str, dict[str, list]] = {m.label: {"kl": [], "agree": [], "nll": [], "correct": []} for m in methods}
+    stop = stop_ids(model, tok)
+    per: dict[str, list[dict]] = {m.label: [] for m in methods}
     for n, case in enumerate(cases):
         ctx = _chunk_lists(case)[:-1]
         full = kdn.prepare(ctx, mode="full")
-        cont = greedy(model, full, list(case.suffix), tf_tokens)
+        cont = greedy(model, full, list(case.suffix), tf_tokens, stop)
         _crop(full, sum(len(c) for c in ctx) + len(kdn.opener))
-        ref = score(model, tok, full, case.suffix, cont, case.answers)
+        ref = score(model, tok, full, case.suffix, cont, case.answers, kl_tokens=kl_tokens, stop=stop)
         for m in methods:
             if m.mode == "prefix":  # exact prefix KV: full prefill's quality by construction
                 continue
@@ -115,43 +126,61 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
                 # the question is known, as in generate: question-aware selections may use it
                 cache = kdn.prepare(ctx, mode=m.mode, recompute_ratio=m.ratio, selection=m.selection,
                                     query=list(case.suffix))
-                r = score(model, tok, cache, case.suffix, cont, case.answers, ref_first=ref["first_logp"])
-            for k in ("kl", "agree", "nll", "correct"):
-                acc[m.label][k].append(float(r[k]))
+                r = score(model, tok, cache, case.suffix, cont, case.answers, ref_logp=ref["logp"],
+                          kl_tokens=kl_tokens, stop=stop)
+            per[m.label].append({"qid": case.qid, "kind": case.kind, "question": case.question,
+                                 "gold": list(case.answers), "answer": r["answer"],
+                                 **{k: float(r[k]) for k in MEASURES}})
         if log:
             log(f"  quality {n + 1}/{len(cases)} [{case.kind}] full: {ref['answer'][:40]!r}")
     out = {}
-    for label, d in acc.items():
-        if not d["kl"]:
+    for label, qs in per.items():
+        if not qs:
             continue
-        out[label] = {"kl_mean": statistics.fmean(d["kl"]), "kl_median": statistics.median(d["kl"]),
-                      "top1_agree": statistics.fmean(d["agree"]), "answer_nll": statistics.fmean(d["nll"]),
-                      "accuracy": statistics.fmean(d["correct"]), "n_questions": len(d["kl"])}
+        col = lambda k: [q[k] for q in qs]  # noqa: E731
+        out[label] = {"kl_mean": statistics.fmean(col("kl")), "kl_median": statistics.median(col("kl")),
+                      "answer_kl_mean": statistics.fmean(col("answer_kl")),
+                      "top1_agree": statistics.fmean(col("agree")), "answer_nll": statistics.fmean(col("nll")),
+                      "accuracy": statistics.fmean(col("correct")), "em": statistics.fmean(col("em")),
+                      "f1": statistics.fmean(col("f1")), "n_questions": len(qs), "per_question": qs}
+    if "full" in out:
+        base = {q["qid"]: q["correct"] for q in out["full"]["per_question"]}
+        for d in out.values():
+            d["flips"] = flips(base, d["per_question"])
     return out
+
+
+def flips(full_correct: dict[str, float], per_question: list[dict]) -> dict[str, list[str]]:
+    """Question ids full prefill answered (lenient match) and the method did not (``lost``), and the reverse
+    (``gained``)."""
+    lost = [q["qid"] for q in per_question if full_correct[q["qid"]] and not q["correct"]]
+    gained = [q["qid"] for q in per_question if q["correct"] and not full_correct[q["qid"]]]
+    return {"lost": lost, "gained": gained}
 
 
 def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps: int = 3,
               timing_cases: int = 2, questions: int = 50, tf_tokens: int = 32, store_name: str = "memory",
-              lead_in: str = "none", log=print) -> list[dict]:
-    """Rows of results, one per (doc_tokens, method). See the module docstring."""
+              lead_in: str = "none", split: str = "test", log=print) -> list[dict]:
+    """Rows of results, one per (doc_tokens, method), on QA split ``split``. See the module docstring."""
     rows = []
     for n_tok in doc_tokens:
-        cases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok)
+        cases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, split=split)
         if not cases:
-            raise ConfigError(f"no dev QA question fits documents cut to {n_tok} tokens")
+            raise ConfigError(f"no {split} QA question fits {k} documents cut to {n_tok} tokens; "
+                              f"raise --doc-tokens or --k")
         timed = cases[:timing_cases]
-        log(f"[rag k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
+        log(f"[rag/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
         # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
         kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
         times = time_methods(kdn, methods, timed, reps)
         for m in methods:
             log(f"  {m.label:24s} TTFT {times[m.label]['ttft_s'] * 1000:8.1f} ms")
-        qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions) if questions else []
+        qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions, split=split) if questions else []
         qual = quality(kdn, methods, qcases, tf_tokens, log=log) if qcases else {}
         base = times["full"]["ttft_s"] if "full" in times else None
         for m in methods:
             t = times[m.label]
-            row = {"workload": "rag", "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
+            row = {"workload": "rag", "split": split, "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
                    "store": store_name, "lead_in": lead_in, "method": m.label, "mode": m.mode,
                    "ratio": m.ratio if m.mode == "blend" else 0.0,
                    "selection": m.selection if m.mode == "blend" else None,
@@ -159,20 +188,23 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
                    "tokens_recomputed": t["tokens_recomputed"], "recompute_share": t["recompute_share"],
                    "bytes_loaded": t["bytes_loaded"]}
             q = qual.get(m.label) or (qual.get("full") if m.mode == "prefix" else None) or {}
-            row.update({key: q.get(key) for key in ("kl_mean", "kl_median", "top1_agree", "answer_nll",
-                                                    "accuracy", "n_questions")})
+            row.update({key: q.get(key) for key in QUALITY_KEYS})
             rows.append(row)
     return rows
 
 
+#: the quality keys of a row (None where the method has no quality measured)
+QUALITY_KEYS = ("kl_mean", "kl_median", "answer_kl_mean", "top1_agree", "answer_nll", "accuracy", "em", "f1",
+                "n_questions", "flips", "per_question")
+
 COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
            ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7),
            ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8),
-           ("kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7), ("answer_nll", "{:.3f}", 7),
-           ("accuracy", "{:.1%}", 7)]
+           ("kl_mean", "{:.4f}", 8), ("answer_kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7),
+           ("answer_nll", "{:.3f}", 7), ("accuracy", "{:.1%}", 7), ("em", "{:.1%}", 6), ("f1", "{:.1%}", 6)]
 HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp", "recompute_share": "layer%",
-           "bytes_loaded": "MiB_load", "kl_mean": "KL", "top1_agree": "top1", "answer_nll": "ans_NLL",
-           "accuracy": "acc"}
+           "bytes_loaded": "MiB_load", "kl_mean": "KL", "answer_kl_mean": "ansKL", "top1_agree": "top1",
+           "answer_nll": "ans_NLL", "accuracy": "acc", "em": "EM", "f1": "F1"}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -185,7 +217,20 @@ def format_table(rows: list[dict]) -> str:
                 v = v / 2**20
             cells.append(f"{('-' if v is None else fmt.format(v)):>{w}}")
         lines.append("  ".join(cells))
-    return "\n".join(lines)
+    return "\n".join(lines + flips_summary(rows))
+
+
+def flips_summary(rows: list[dict], show: int = 4) -> list[str]:
+    """One line per row with flips vs full: how many questions it lost and gained (first ids shown)."""
+    out = []
+    for r in rows:
+        f = r.get("flips")
+        if not f or r["mode"] == "full":
+            continue
+        ids = lambda xs: (" " + ",".join(xs[:show]) + (",..." if len(xs) > show else "")) if xs else ""  # noqa: E731
+        out.append(f"flips vs full  {r['method']} @{r['doc_tokens']}: lost {len(f['lost'])}{ids(f['lost'])}; "
+                   f"gained {len(f['gained'])}{ids(f['gained'])}")
+    return ["", *out] if out else []
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -1,11 +1,17 @@
 """The ``rag`` workload: k documents of real text, a system prompt and a question.
 
-Documents and questions come from the dev QA set shipped in
-``kdn_hf/data/dev_qa.json`` (SQuAD v2.0 passages, CC BY-SA 4.0, plus planted
-facts; see its ``source``/``license`` fields and ``scripts/make_dev_qa.py``).
-Each question's prompt holds its gold document and ``k - 1`` distractors from
-other articles, the gold one at a position that cycles with the question index,
-so every layout is deterministic.
+Documents and questions come from one of two QA sets shipped in ``kdn_hf/data/``
+(see their ``source``/``license`` fields and ``kdn_hf/data/README.md``):
+
+- ``dev`` (``dev_qa.json``, ``scripts/make_dev_qa.py``): SQuAD v2.0 passages plus
+  planted facts. Settings are tuned on it.
+- ``test`` (``test_qa.json``, ``scripts/make_test_qa.py``): SQuAD v2.0 questions from
+  other articles and HotpotQA multi-hop questions, never used for tuning; reported
+  figures come from it.
+
+Each question's prompt holds its gold document(s) (HotpotQA questions have two)
+and distractors from other articles up to ``k`` documents, the gold ones at
+positions that cycle with the question index, so every layout is deterministic.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
+from kdn_hf.errors import ConfigError
 from kdn_hf.prompt import opener_ids
+
+#: QA set name -> file under kdn_hf/data/
+SPLITS = {"dev": "dev_qa.json", "test": "test_qa.json"}
 
 INSTRUCTION = "You are a helpful assistant. Answer the question with a few words, using only the documents."
 # SmolLM2-Instruct's chat format (what chat_format gives for it): the documents sit in the user turn, the
@@ -49,22 +59,40 @@ def chat_format(tokenizer) -> tuple[str, str]:
     return INSTRUCTION + "\n\n", "Question: {question}\nAnswer:"
 
 
-@lru_cache(maxsize=1)
+@lru_cache(maxsize=None)
+def qa_set(split: str = "dev") -> dict:
+    """A QA set: {"name", "source", "license", "documents": [{id, title, text}], "questions": [{id, doc or
+    docs, kind, question, answers}]}. ``doc`` names the gold document; ``docs`` lists several, the one holding
+    the answer first. split: "dev" (tune on it) or "test" (report on it)."""
+    if split not in SPLITS:
+        raise ConfigError(f"unknown QA split {split!r}; choose one of {sorted(SPLITS)} (dev: tuning, test: reporting)")
+    return json.loads(resources.files("kdn_hf").joinpath(f"data/{SPLITS[split]}").read_text(encoding="utf-8"))
+
+
 def dev_qa() -> dict:
-    """The dev QA set: {"documents": [{id, title, text}], "questions": [{id, doc, kind, question, answers}]}."""
-    return json.loads(resources.files("kdn_hf").joinpath("data/dev_qa.json").read_text(encoding="utf-8"))
+    """The dev QA set (``qa_set("dev")``)."""
+    return qa_set("dev")
+
+
+def gold_docs(question: dict) -> list[str]:
+    """Ids of a question's gold documents, the one holding the answer first."""
+    return list(question["docs"]) if "docs" in question else [question["doc"]]
 
 
 @dataclass(frozen=True)
 class RagCase:
     """One request. chunks: [system, doc_1..doc_k, question] as token-id tuples (the question
-    last, prefilled fresh). answers: accepted answer strings. kind: "squad" or "planted"."""
+    last, prefilled fresh). answers: accepted answer strings. kind: the question's source ("squad",
+    "planted", "hotpotqa", ...). gold_index: position among the documents of the one holding the answer;
+    gold_indices: positions of all gold documents (empty: just gold_index). question: its text."""
 
     qid: str
     chunks: tuple[tuple[int, ...], ...]
     answers: tuple[str, ...]
     kind: str
     gold_index: int
+    gold_indices: tuple[int, ...] = ()
+    question: str = ""
 
     @property
     def context(self) -> tuple[tuple[int, ...], ...]:
@@ -85,15 +113,33 @@ def answer_found(text: str, answers) -> bool:
     return any(_normal(a) and _normal(a) in line for a in answers)
 
 
-def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = None,
-              kinds: tuple[str, ...] = ("squad", "planted")) -> list[RagCase]:
-    """The rag requests for ``k`` documents cut to at most ``doc_tokens`` tokens each.
+def gold_positions(n: int, k: int, golds: int) -> list[int]:
+    """Positions among ``k`` documents of a prompt's ``golds`` gold documents for question index ``n``:
+    spread evenly, rotating with ``n`` (one gold document: ``n % k``)."""
+    step = max(1, k // golds)
+    return [(n + i * step) % k for i in range(golds)]
 
-    Questions whose answer falls past the cut are left out. ``limit`` keeps the first
-    ones after interleaving kinds (planted, squad, planted, ...), so a small limit
-    still mixes both.
+
+def interleave(cases: list[RagCase]) -> list[RagCase]:
+    """Cases reordered to take turns by kind (kinds in order of first appearance), so a prefix mixes them."""
+    by_kind: dict[str, list[RagCase]] = {}
+    for c in cases:
+        by_kind.setdefault(c.kind, []).append(c)
+    groups = list(by_kind.values())
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
+def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = None,
+              kinds: tuple[str, ...] | None = None, split: str = "dev") -> list[RagCase]:
+    """The rag requests of QA set ``split`` for ``k`` documents cut to at most ``doc_tokens`` tokens each.
+
+    Questions whose answer falls past the cut of every gold document, or with more gold documents than
+    ``k``, are left out. ``kinds``: keep only these question kinds (None: all). ``limit`` keeps the first
+    ones after interleaving kinds (planted, squad, planted, ...), so a small limit still mixes them.
+    The default split is dev, the tuning split (scripts that choose settings use it); ``kdn bench``
+    reports on test.
     """
-    data = dev_qa()
+    data = qa_set(split)
     docs = data["documents"]
     by_id = {d["id"]: i for i, d in enumerate(docs)}
     enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
@@ -106,24 +152,24 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
     system = enc(system_text)
     cases = []
     for n, q in enumerate(data["questions"]):
-        if q["kind"] not in kinds:
+        golds = gold_docs(q)
+        if (kinds is not None and q["kind"] not in kinds) or len(golds) > k:
             continue
-        gold = by_id[q["doc"]]
-        if not any(a in cut[q["doc"]][1] for a in q["answers"]):
+        if not any(a in cut[g][1] for g in golds for a in q["answers"]):
             continue
-        article = q["doc"].split("-")[0]
-        others = [d["id"] for d in docs[gold + 1:] + docs[:gold] if d["id"].split("-")[0] != article]
-        step = max(1, len(others) // max(1, k - 1))
-        picked = [others[(n * 5 + j * step) % len(others)] for j in range(k - 1)]
-        at = n % k
-        layout = picked[:at] + [q["doc"]] + picked[at:]
+        gold = by_id[golds[0]]
+        articles = {g.split("-")[0] for g in golds}
+        others = [d["id"] for d in docs[gold + 1:] + docs[:gold] if d["id"].split("-")[0] not in articles]
+        n_other = k - len(golds)
+        step = max(1, len(others) // max(1, n_other))
+        layout = [others[(n * 5 + j * step) % len(others)] for j in range(n_other)]
+        at = gold_positions(n, k, len(golds))
+        for pos, g in sorted(zip(at, golds)):
+            layout.insert(pos, g)
         question = enc(question_format.format(question=q["question"]))
         chunks = (system, *(cut[i][0] for i in layout), question)
-        cases.append(RagCase(q["id"], chunks, tuple(q["answers"]), q["kind"], at))
+        cases.append(RagCase(q["id"], chunks, tuple(q["answers"]), q["kind"], at[0], tuple(sorted(at)),
+                             q["question"]))
     if limit is not None:
-        planted = [c for c in cases if c.kind == "planted"]
-        squad = [c for c in cases if c.kind != "planted"]
-        mixed = [c for pair in zip(planted, squad) for c in pair]
-        mixed += planted[len(squad):] + squad[len(planted):]
-        cases = mixed[:limit]
+        cases = interleave(cases)[:limit]
     return cases

@@ -1,4 +1,5 @@
-"""`kdn bench` end to end at a tiny size: rows, table, JSON and plot."""
+"""`kdn bench` end to end at a tiny size: rows, table, JSON and plot; the dev/test QA splits; the quality
+harness's measures against the engine and against each other."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import json
 
 import pytest
 
-from kdn_hf.bench import dev_qa, rag_cases
+from kdn_hf import KDN
+from kdn_hf.bench import Method, dev_qa, qa_set, rag_cases
+from kdn_hf.bench.quality import _crop, greedy, score, stop_ids
+from kdn_hf.bench.run import quality
 from kdn_hf.cli import main
+from kdn_hf.errors import ConfigError
 
 
 def test_dev_qa_set_is_shipped_with_licence_and_enough_questions(smol):
@@ -17,6 +22,77 @@ def test_dev_qa_set_is_shipped_with_licence_and_enough_questions(smol):
     cases = rag_cases(smol[1], k=4, doc_tokens=512)
     assert len(cases) >= 50 and all(len(c.chunks) == 6 for c in cases)
     assert {c.gold_index for c in cases} == {0, 1, 2, 3}
+
+
+def test_test_split_is_held_out_has_hotpotqa_and_its_answers_sit_in_the_prompts(smol):
+    """The test split shares no question (by id or text) and no SQuAD article with dev, has a source
+    besides SQuAD, and every question's answer is in its own prompt's documents (decoded, after the cut)."""
+    tok = smol[1]
+    dev, test = dev_qa(), qa_set("test")
+    assert "CC BY-SA" in test["license"] and "HotpotQA" in test["source"] and "SQuAD" in test["source"]
+    assert not {q["id"] for q in dev["questions"]} & {q["id"] for q in test["questions"]}
+    norm = lambda s: " ".join(s.lower().split())  # noqa: E731
+    assert not {norm(q["question"]) for q in dev["questions"]} & {norm(q["question"]) for q in test["questions"]}
+    dev_titles = {d["title"] for d in dev["documents"]}
+    assert not dev_titles & {d["title"] for d in test["documents"] if not d["id"].startswith("hp")}
+    cases = rag_cases(tok, k=4, doc_tokens=512, split="test")
+    kinds = {c.kind for c in cases}
+    assert len(cases) >= 80 and {"squad", "hotpotqa"} <= kinds
+    for c in cases:
+        docs = tok.decode([t for chunk in c.context[1:] for t in chunk])
+        assert any(a in docs for a in c.answers), (c.qid, c.answers)
+        gold = tok.decode(c.context[1 + c.gold_index])
+        assert any(a in gold for a in c.answers), c.qid  # gold_index is the document holding the answer
+        if c.kind == "hotpotqa":  # both gold paragraphs' documents are in the prompt
+            assert len(c.gold_indices) == 2 and c.gold_index in c.gold_indices
+    assert {c.gold_index for c in cases} == {0, 1, 2, 3}
+    with pytest.raises(ConfigError, match="dev, test|'dev', 'test'"):
+        rag_cases(tok, split="validation")
+
+
+def test_answer_top1_stops_at_end_of_sequence(smol):
+    """Full prefill's greedy answer ends at the model's end-of-turn; top-1 agreement of full against itself
+    is exactly 1 over the answer even when tokens follow the end-of-sequence token (which the model would
+    not predict): only the answer's tokens are scored. Without the stop those tokens count and it drops."""
+    model, tok = smol
+    kdn = KDN(model, tok, store="memory://")
+    case = rag_cases(tok, k=2, doc_tokens=96, split="test", limit=1)[0]
+    ctx = [list(c) for c in case.context]
+    stop = stop_ids(model, tok)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stop
+    cache = kdn.prepare(ctx, mode="full")
+    n_ctx = cache.get_seq_length()
+    cont = greedy(model, cache, list(case.suffix), 32, stop)
+    _crop(cache, n_ctx)
+    assert cont[-1] in stop and len(cont) < 32 and not set(cont[:-1]) & stop
+    junk = tok(" zebra quantum 1848 Vaduz", add_special_tokens=False)["input_ids"] * 3
+    scored = score(model, tok, cache, case.suffix, cont + junk, case.answers, stop=stop)
+    assert scored["agree"] == 1.0
+    assert scored["logp"].shape[0] == min(8, len(cont))  # answer KL positions stop at the end too
+    unstopped = score(model, tok, cache, case.suffix, cont + junk, case.answers, stop=frozenset())
+    assert unstopped["agree"] < 1.0
+
+
+def test_quality_measures_against_generate_and_across_methods(smol):
+    """On test-split questions: the harness's full answers are stock generate's (mode full); blend at ratio
+    1.0 recomputes everything, so it answers as full on every question (same text, same EM, no flips) with
+    answer-token KL ~0, while naive reuse has a clearly larger answer-token KL."""
+    model, tok = smol
+    kdn = KDN(model, tok, store="memory://")
+    cases = rag_cases(tok, k=3, doc_tokens=128, split="test", limit=4)
+    assert {c.kind for c in cases} == {"squad", "hotpotqa"}
+    methods = [Method("full", "full"), Method("reuse", "reuse"), Method("blend@1/kdn", "blend", 1.0, "kdn")]
+    q = quality(kdn, methods, cases, tf_tokens=20, log=None)
+    full, reuse, blend = (q[m.label] for m in methods)
+    for case, row in zip(cases, full["per_question"]):
+        res = kdn.generate([list(c) for c in case.chunks], max_new_tokens=20, mode="full")
+        assert row["qid"] == case.qid and row["answer"] == res.text.strip().split("\n")[0]
+    for f, b in zip(full["per_question"], blend["per_question"]):
+        assert b["answer"] == f["answer"] and b["em"] == f["em"] and b["f1"] == f["f1"]
+        assert b["answer_kl"] < 1e-3 and b["agree"] == 1.0
+    assert blend["flips"] == {"lost": [], "gained": []} and blend["em"] == full["em"]
+    assert reuse["answer_kl_mean"] > 10 * max(blend["answer_kl_mean"], 1e-4)
+    assert set(reuse["flips"]["lost"]) <= {r["qid"] for r in full["per_question"] if r["correct"]}
 
 
 @pytest.mark.slow
@@ -31,8 +107,13 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     rows = json.loads(out_json.read_text())["rows"]
     assert [r["method"] for r in rows] == ["full", "prefix", "reuse", "blend@0.2/kdn", "blend@0.2/cacheblend"]
     full, reuse = rows[0], rows[2]
-    assert full["speedup"] == 1.0 and full["kl_mean"] == 0.0 and full["top1_agree"] >= 0.75
+    assert all(r["split"] == "test" for r in rows)  # the default split: reported figures
+    assert full["bytes_loaded"] == 0 and full["recompute_share"] == 0.0  # full reads nothing from the store
     assert reuse["bytes_loaded"] > 0 and reuse["tokens_recomputed"] == 0
+    for r in rows[2:]:  # per-question records for every measured method, one per question
+        assert [p["qid"] for p in r["per_question"]] == [p["qid"] for p in full["per_question"]]
+        assert 0.0 <= r["em"] <= r["f1"] <= 1.0 and r["answer_kl_mean"] >= 0.0
+    assert "EM" in table and "ansKL" in table
     assert rows[3]["tokens_recomputed"] > 0 and rows[3]["kl_mean"] is not None
     assert reuse["recompute_share"] == 0.0 and 0.0 < rows[3]["recompute_share"] <= rows[4]["recompute_share"]
     assert out_png.stat().st_size > 1000

@@ -80,6 +80,7 @@ def test_wheel_has_only_kdn_hf_at_top(wheel):
     missing = _packages_in_tree() - packages
     assert not missing, f"packages of the source tree missing from the wheel: {sorted(missing)}"
     assert "kdn_hf/kernels/__init__.py" in names and "kdn_hf/integrations/__init__.py" in names
+    assert {"kdn_hf/data/dev_qa.json", "kdn_hf/data/test_qa.json"} <= set(names)  # both QA splits ship
     top_level = [n for n in names if n.endswith(".dist-info/top_level.txt")]
     for n in top_level:
         assert zipfile.ZipFile(wheel).read(n).decode().split() == ["kdn_hf"]
