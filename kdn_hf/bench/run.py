@@ -87,8 +87,9 @@ def at_layer_share(kdn, methods: list[Method], case: RagCase, share: float) -> l
     layer x context-token rows over all of them) is closest to ``share`` on ``case``'s context, the
     question known (``kdn_hf.blend.ratio_for_layer_share``); duplicates (several ratios) dropped."""
     from kdn_hf.blend import get_selection, ratio_for_layer_share
+    from kdn_hf.blend.runner import layer_runner
 
-    layers = int(kdn.model.config.num_hidden_layers)
+    layers = len(layer_runner(kdn.model).layers)
     tokens = sum(len(c) for c in case.context) + len(kdn.opener)
     out: dict[str, Method] = {}
     for m in methods:
