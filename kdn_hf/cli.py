@@ -200,8 +200,12 @@ def cmd_bench(args) -> int:
     from kdn_hf import KDN
     from kdn_hf.bench import format_table, methods_from, plot, run_bench, write_json
 
-    if args.workload != "rag":
-        raise SystemExit(f"kdn bench: unknown workload {args.workload!r}; available: rag")
+    from kdn_hf.bench.run import WORKLOADS
+
+    if args.workload not in WORKLOADS:
+        raise SystemExit(f"kdn bench: unknown workload {args.workload!r}; available: {', '.join(WORKLOADS)}")
+    if args.layer_share is not None and not 0.0 < args.layer_share <= 1.0:
+        raise SystemExit(f"kdn bench: --layer-share must lie in (0, 1], got {args.layer_share}")
     if args.codec is not None:  # the storage/codec bench (kdn bench-store)
         return cmd_bench_store(args)
     args.questions = 50 if args.questions is None else args.questions
@@ -218,8 +222,8 @@ def cmd_bench(args) -> int:
     doc_tokens = [int(x) for x in _names(args.doc_tokens)]
     rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,
                      timing_cases=args.timing_cases, questions=args.questions, tf_tokens=args.tf_tokens,
-                     store_name=store_name, lead_in=args.lead_in, split=args.split,
-                     log=lambda m: print(m, file=sys.stderr))
+                     store_name=store_name, lead_in=args.lead_in, split=args.split, workload=args.workload,
+                     layer_share=args.layer_share, log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
@@ -272,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="blend", choices=["full", "prefix", "reuse", "blend"])
     p.add_argument("--recompute-ratio", type=float, default=0.15, help="blend: fraction of tokens recomputed")
     p.add_argument("--selection", default="kdn",
-                   help="blend: token selection strategy (kdn: question-aware, the default; cacheblend)")
+                   help="blend: token selection strategy (kdn: question-aware, the default; cacheblend: the paper's "
+                        "gradual filtering; cacheblend-oneshot: LMCache's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512, help="chunk size used when the docs were ingested")
     p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
@@ -309,10 +314,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="TTFT and quality of full / prefix / reuse / blend (rag workload); "
                                      "with --codec: the storage/codec bench")
-    p.add_argument("--workload", default="rag", help="workload name (rag: k documents + system prompt + question)")
+    p.add_argument("--workload", default="rag",
+                   help="rag: k documents + system prompt + question; distractor: k generated documents with "
+                        "look-alike facts, the answer in one of them")
+    p.add_argument("--layer-share", type=float, default=None,
+                   help="compare blend selections at equal work: each gets the ratio whose layer%% (recomputed "
+                        "layer x context-token rows) is closest to this share, e.g. 0.10 (replaces --ratios)")
     p.add_argument("--methods", default="full,prefix,reuse,blend", help="comma list from full,prefix,reuse,blend")
     p.add_argument("--ratios", default="0.15", help="blend recompute ratios, comma list")
-    p.add_argument("--selection", default="kdn,cacheblend", help="blend selection strategies, comma list")
+    p.add_argument("--selection", default="kdn,cacheblend,cacheblend-oneshot",
+                   help="blend selection strategies, comma list (see kdn_hf.blend.SELECTIONS)")
     p.add_argument("--k", type=int, default=4, help="documents per prompt")
     p.add_argument("--doc-tokens", default="512", help="document length(s) in tokens, comma list")
     p.add_argument("--reps", type=int, default=None,

@@ -20,7 +20,7 @@ N = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 DT = int(sys.argv[2]) if len(sys.argv) > 2 else 512
 kdn = KDN.from_pretrained("smollm2-135m", store="memory://?budget=8GiB")
 cases = rag_cases(kdn.tokenizer, k=4, doc_tokens=DT, limit=N)
-sels = {"kdn": "kdn", "cb": "cacheblend"}
+sels = {"kdn": "kdn", "cb1": "cacheblend-oneshot", "cb": "cacheblend"}
 tot = {k: 0 for k in ["full", *sels]}
 
 

@@ -1,4 +1,4 @@
-"""First-token KL vs full prefill of blend@0.15 selections (cacheblend; kdn at several question-pass
+"""First-token KL vs full prefill of blend@0.15 selections (cacheblend-oneshot; kdn at several question-pass
 depths and question-token choices), and their prepare time, on the rag workload's dev questions.
 
     .venv/bin/python scripts/compare_selection.py QUESTIONS DOC_TOKENS [depth|narrow]   # e.g. 16 512 narrow
@@ -6,22 +6,22 @@ depths and question-token choices), and their prepare time, on the rag workload'
 "depth" (default): question-pass depths and question tokens, without narrowing; "narrow": progressive
 narrowing settings (KDNSelection narrow_depths / narrow_keep), with the default kdn among them.
 
-Prints one line per question, then the means (and each one's ratio to cacheblend's).
+Prints one line per question, then the means (and each one's ratio to cacheblend-oneshot's).
 """
 import sys, time, statistics, torch.nn.functional as F
 from kdn_hf import KDN
 from kdn_hf.bench import rag_cases
 from kdn_hf.bench.quality import _forward
-from kdn_hf.blend import KDNSelection, CacheBlendSelection
+from kdn_hf.blend import KDNSelection, OneShotCacheBlendSelection
 kdn = KDN.from_pretrained("smollm2-135m", store="memory://")
 N = int(sys.argv[1]); DT = int(sys.argv[2])
 cases = rag_cases(kdn.tokenizer, k=4, doc_tokens=DT, limit=N)
 flat = dict(narrow_depths=())
 SETS = {
-    "depth": {"cb": CacheBlendSelection(), "kdn1.0": KDNSelection(**flat), "kdn0.67": KDNSelection(query_depth=0.67, **flat),
+    "depth": {"cb": OneShotCacheBlendSelection(), "kdn1.0": KDNSelection(**flat), "kdn0.67": KDNSelection(query_depth=0.67, **flat),
               "kdn0.5": KDNSelection(query_depth=0.5, **flat), "kdn0.33": KDNSelection(query_depth=0.34, **flat),
               "kdn-mean": KDNSelection(query_tokens="mean", **flat)},
-    "narrow": {"cb": CacheBlendSelection(), "kdn-flat": KDNSelection(**flat), "kdn": KDNSelection(),
+    "narrow": {"cb": OneShotCacheBlendSelection(), "kdn-flat": KDNSelection(**flat), "kdn": KDNSelection(),
                "n8.16k.75": KDNSelection(narrow_depths=(8 / 30, 16 / 30), narrow_keep=0.75),
                "n15k.7": KDNSelection(narrow_depths=(0.5,), narrow_keep=0.7),
                "n10.20k.6": KDNSelection(narrow_depths=(1 / 3, 2 / 3), narrow_keep=0.6),

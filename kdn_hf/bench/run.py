@@ -1,4 +1,4 @@
-"""``kdn bench``: TTFT and quality of full / prefix / reuse / blend on the rag workload.
+"""``kdn bench``: TTFT and quality of full / prefix / reuse / blend on the rag or distractor workload.
 
 Each result is one row (a plain dict) per (context length, method): timings from
 ``--timing-cases`` requests (median of ``--reps``, store warm), quality from
@@ -17,6 +17,14 @@ Methods:
   prompt only: the request's documents came in an order not seen before.
 - ``reuse``:  stored chunk KV, re-rotated, no recompute (ratio 0).
 - ``blend@r/sel``: reuse plus selective recompute of ratio r with selection sel.
+
+Equal work (``layer_share``): instead of one ratio for every selection, each
+blend selection gets the ratio whose share of recomputed (layer x context
+token) rows, the ``layer%`` column, is closest to the target on the first
+question's context (``at_layer_share``); rows carry the target and the ratio.
+
+Workloads (``WORKLOADS``): ``rag`` (``workload.rag_cases``) and ``distractor``
+(``distractor.distractor_cases``: look-alike facts across the documents).
 """
 
 from __future__ import annotations
@@ -30,11 +38,24 @@ from pathlib import Path
 
 import torch
 
+from kdn_hf.bench.distractor import distractor_cases
 from kdn_hf.bench.quality import _crop, greedy, score, stop_ids
 from kdn_hf.bench.workload import RagCase, rag_cases
 from kdn_hf.errors import ConfigError
 
 METHODS = ("full", "prefix", "reuse", "blend")
+WORKLOADS = ("rag", "distractor")
+
+
+def workload_cases(workload: str, tokenizer, k: int, doc_tokens: int, limit: int | None = None,
+                   split: str = "dev") -> list[RagCase]:
+    """The requests of ``workload`` (see ``WORKLOADS``) for ``k`` documents cut to ``doc_tokens`` tokens,
+    from its ``split`` ("dev": tuning, "test": reporting)."""
+    if workload == "rag":
+        return rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=limit, split=split)
+    if workload == "distractor":
+        return distractor_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=limit, split=split)
+    raise ConfigError(f"workload must be one of {WORKLOADS}, got {workload!r}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,24 @@ def methods_from(names, ratios, selections) -> list[Method]:
                 get_selection(s)
                 out.append(Method(f"blend@{r:g}/{s}", "blend", r, s))
     return out
+
+
+def at_layer_share(kdn, methods: list[Method], case: RagCase, share: float) -> list[Method]:
+    """``methods`` with each blend method's ratio replaced by the one whose layer share (recomputed
+    layer x context-token rows over all of them) is closest to ``share`` on ``case``'s context, the
+    question known (``kdn_hf.blend.ratio_for_layer_share``); duplicates (several ratios) dropped."""
+    from kdn_hf.blend import get_selection, ratio_for_layer_share
+    from kdn_hf.blend.runner import layer_runner
+
+    layers = len(layer_runner(kdn.model).layers)
+    tokens = sum(len(c) for c in case.context) + len(kdn.opener)
+    out: dict[str, Method] = {}
+    for m in methods:
+        if m.mode == "blend":
+            r = ratio_for_layer_share(get_selection(m.selection), layers, tokens, share)
+            m = Method(f"blend@{r:.3f}/{m.selection}", "blend", r, m.selection)
+        out.setdefault(m.label if m.mode != "blend" else f"blend/{m.selection}", m)
+    return list(out.values())
 
 
 def _chunk_lists(case: RagCase):
@@ -160,33 +199,40 @@ def flips(full_correct: dict[str, float], per_question: list[dict]) -> dict[str,
 
 def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps: int = 3,
               timing_cases: int = 2, questions: int = 50, tf_tokens: int = 32, store_name: str = "memory",
-              lead_in: str = "none", split: str = "test", log=print) -> list[dict]:
-    """Rows of results, one per (doc_tokens, method), on QA split ``split``. See the module docstring."""
+              lead_in: str = "none", split: str = "test", workload: str = "rag",
+              layer_share: float | None = None, log=print) -> list[dict]:
+    """Rows of results, one per (doc_tokens, method), on ``workload``'s split ``split``. See the module
+    docstring."""
     rows = []
+    asked = methods
     for n_tok in doc_tokens:
-        cases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, split=split)
+        cases = workload_cases(workload, kdn.tokenizer, k, n_tok, split=split)
         if not cases:
-            raise ConfigError(f"no {split} QA question fits {k} documents cut to {n_tok} tokens; "
+            raise ConfigError(f"no {split} {workload} question fits {k} documents cut to {n_tok} tokens; "
                               f"raise --doc-tokens or --k")
+        if layer_share is not None:
+            methods = at_layer_share(kdn, asked, cases[0], layer_share)
+            log(f"[layer share {layer_share:g}] " + ", ".join(f"{m.selection}: ratio {m.ratio:.3f}"
+                                                             for m in methods if m.mode == "blend"))
         timed = cases[:timing_cases]
-        log(f"[rag/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
+        log(f"[{workload}/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
         # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
         kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
         times = time_methods(kdn, methods, timed, reps)
         for m in methods:
             log(f"  {m.label:24s} TTFT {times[m.label]['ttft_s'] * 1000:8.1f} ms")
-        qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions, split=split) if questions else []
+        qcases = workload_cases(workload, kdn.tokenizer, k, n_tok, limit=questions, split=split) if questions else []
         qual = quality(kdn, methods, qcases, tf_tokens, log=log) if qcases else {}
         base = times["full"]["ttft_s"] if "full" in times else None
         for m in methods:
             t = times[m.label]
-            row = {"workload": "rag", "split": split, "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
+            row = {"workload": workload, "split": split, "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
                    "store": store_name, "lead_in": lead_in, "method": m.label, "mode": m.mode,
                    "ratio": m.ratio if m.mode == "blend" else 0.0,
                    "selection": m.selection if m.mode == "blend" else None,
                    "ttft_ms": t["ttft_s"] * 1000, "speedup": (base / t["ttft_s"]) if base else None,
                    "tokens_recomputed": t["tokens_recomputed"], "recompute_share": t["recompute_share"],
-                   "bytes_loaded": t["bytes_loaded"]}
+                   "bytes_loaded": t["bytes_loaded"], "layer_share_target": layer_share}
             q = qual.get(m.label) or (qual.get("full") if m.mode == "prefix" else None) or {}
             row.update({key: q.get(key) for key in QUALITY_KEYS})
             rows.append(row)

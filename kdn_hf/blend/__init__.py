@@ -12,14 +12,17 @@ from kdn_hf.blend.selection import (
     SELECTIONS,
     CacheBlendSelection,
     KDNSelection,
+    OneShotCacheBlendSelection,
     Selection,
     SelectionInput,
     get_selection,
+    layer_share,
+    ratio_for_layer_share,
 )
 
 #: the default selection: question-aware, with progressive narrowing (the README's "How the blend
 #: defaults were chosen" has the measurements behind it). Without the question (prepare() with no query)
-#: "kdn" ranks by deviation like cacheblend.
+#: "kdn" ranks by K+V deviation at layer 1 (like cacheblend's first pick) and narrows as with it.
 DEFAULT_SELECTION = "kdn"
 
 __all__ = [
@@ -27,10 +30,13 @@ __all__ = [
     "SELECTIONS",
     "CacheBlendSelection",
     "KDNSelection",
+    "OneShotCacheBlendSelection",
     "RecomputeResult",
     "Selection",
     "SelectionInput",
     "causal_mask",
     "get_selection",
+    "layer_share",
+    "ratio_for_layer_share",
     "recompute",
 ]

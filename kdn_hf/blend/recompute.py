@@ -18,8 +18,10 @@ what it asks for:
 The chosen tokens (and the question) are pushed through the layers, each
 attending to the whole context (fresh rows where recomputed, reused rows
 elsewhere). A strategy may narrow the set after some layers
-(``Selection.narrow_layers``): the context rows whose fresh K/V deviates least
-from the reused K/V there stop, and keep their reused KV in the layers above.
+(``Selection.narrow_layers``, ``Selection.narrow_count``): the context rows whose
+fresh K/V deviates least from the reused K/V there stop, and keep their reused
+KV in the layers above. The rows run at each layer (``layer_rows``) are
+``Selection.rows_per_layer`` of the budget, computed before any layer runs.
 
 It is a manual loop over the model's own decoder layers (stock modules, stock
 attention kernels), run by the model's :class:`~kdn_hf.blend.runner.LayerRunner`
@@ -275,8 +277,9 @@ def _recompute(runner: LayerRunner, kv, token_ids, spans, ratio, selection: Sele
     layer_rows = [C] * start + [0] * (L - start)  # below a probe's check layer: every token
     for i in range(start, L):
         wait(i)
-        layer_rows[i] = int(rs.rows.numel()) - query_rows
-        cache.measure = i in narrow_at
+        n_ctx = layer_rows[i] = int(rs.rows.numel()) - query_rows
+        keep_n = selection.narrow_count(i, n_ctx, budget, L) if i in narrow_at else n_ctx
+        cache.measure = keep_n < n_ctx
         # the last layer's output is never used (the KV is the product): stop once its K/V are written
         h_in = hidden
         hidden = runner.run(i, hidden, rs, cache, kv_only=i == last, grouped=True)
@@ -284,10 +287,9 @@ def _recompute(runner: LayerRunner, kv, token_ids, spans, ratio, selection: Sele
             cache.measure = False
             one = _Rows(rs.rows[-1:], T, tables, dtype, own_causal)
             out_last = runner.run(i, h_in[:, -1:], one, cache, grouped=True)[0, -1]
-        if cache.measure:  # narrow the context rows; question rows always go on
-            n_ctx = int((rs.rows < C).sum())
+        if keep_n < n_ctx:  # narrow the context rows; question rows always go on
             dev = (cache.dev_k + cache.dev_v)[:n_ctx].cpu()
-            keep = selection.narrow(i, rs.rows[:n_ctx].cpu(), dev).to(device)
+            keep = selection.narrow(i, rs.rows[:n_ctx].cpu(), dev, keep_n).to(device)
             keep = torch.cat([keep, torch.arange(n_ctx, rs.rows.numel(), device=device)])
             rs = _Rows(rs.rows[keep], T, tables, dtype, own_causal)
             hidden = hidden[:, keep]

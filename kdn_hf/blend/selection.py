@@ -10,18 +10,39 @@ asks for and pushes the tokens it picks through the layers again:
   attends to each context token at every layer (the question run over the
   reused KV); its tokens run from layer 0.
 
-Later layers may narrow the set again (``narrow``; a no-op unless a strategy
-wants it).
+Later layers may narrow the set again: after each layer of ``narrow_layers``
+the rows still being recomputed are ranked by their K+V deviation at that
+layer and the ``narrow_count`` most deviating go on (``narrow``); the others
+keep their reused KV above. How many context rows run at each layer is a pure
+function of the selection, the model depth, the context length and the budget
+(``Selection.rows_per_layer``), equal to the recompute's
+``RecomputeResult.layer_rows``; its mean over layers is the *layer share*
+(``recompute_share``, the bench's ``layer%``), the work actually done.
+``ratio_for_layer_share`` inverts it, to compare strategies at equal work.
 
-Strategies (``SELECTIONS`` maps names to classes):
+Strategies (``SELECTIONS`` maps names to classes). ``ratio`` is the request's
+``recompute_ratio``; ``budget = round(ratio * context tokens)``:
 
-- ``cacheblend``: the paper's (arXiv 2405.16444): the ``budget`` tokens whose
-  K deviates most at layer 1. The baseline.
+- ``cacheblend``: the paper's (CacheBlend, arXiv 2405.16444, "gradual
+  filtering"): layer 0 runs fresh for every token; at layer 1 the
+  ``first_factor * budget`` tokens whose K+V deviates most are chosen; after
+  each of the next ``filter_steps`` layers only the most deviating of those
+  still selected go on (deviation measured again, on them only), the count
+  shrinking geometrically to ``budget``, which then runs to the top. Ratio =
+  the share recomputed in the layers above the filter (the final count); the
+  layers below recompute more. The authors' released code selects once (like
+  ``cacheblend-oneshot``); this follows the paper's text.
+- ``cacheblend-oneshot``: LMCache's variant: the ``budget`` tokens whose K
+  deviates most at layer 1, recomputed through every layer above it. Ratio =
+  the share of every layer above 1.
 - ``kdn``: ours: the tokens the question's last token attends to most,
-  averaged over layers (falls back to K+V deviation when the question is not
-  known).
+  averaged over layers, recomputed from layer 0 and narrowed by deviation in
+  the upper layers (falls back to K+V deviation when the question is not
+  known). Ratio = the share at layer 0; fewer run above each narrowing layer.
 
-Every strategy is deterministic: ties are broken by position (stable sort).
+At ratio 1 (budget = every context token) no strategy narrows, so a ratio-1
+blend is full prefill. Every strategy is deterministic: ties are broken by
+position (stable sort).
 """
 
 from __future__ import annotations
@@ -87,6 +108,29 @@ class Selection(ABC):
         exact) and after the last layer."""
         return ()
 
+    def first_rows(self, budget: int, tokens: int) -> int:
+        """How many tokens ``select`` returns for ``budget`` out of ``tokens`` (default: ``budget``)."""
+        return budget
+
+    def narrow_count(self, layer: int, rows: int, budget: int, num_layers: int) -> int:
+        """After ``layer`` (one of ``narrow_layers``) ran for ``rows`` context rows: how many go on (default:
+        all). Pure: ``rows_per_layer`` and the recompute both call it."""
+        return rows
+
+    def rows_per_layer(self, num_layers: int, tokens: int, budget: int, query_known: bool = True) -> tuple[int, ...]:
+        """Context rows recomputed at each of ``num_layers`` layers for ``budget`` of ``tokens`` context
+        tokens (what the recompute reports as ``layer_rows``; question rows not counted): every token
+        below a probe's check layer, then ``first_rows``, fewer after each narrowing layer."""
+        start = self.check_layer if self.probes(query_known) else 0
+        narrow_at = set(self.narrow_layers(num_layers)) if budget < tokens else set()
+        n = self.first_rows(budget, tokens)
+        rows = [tokens] * start
+        for i in range(start, num_layers):
+            rows.append(n)
+            if i in narrow_at and i < num_layers - 1:
+                n = min(n, self.narrow_count(i, n, budget, num_layers))
+        return tuple(rows)
+
     def probes(self, query_known: bool) -> bool:
         """Whether the recompute measures deviation at ``check_layer`` (running the layers below it
         fresh for every token) before ``select``; False: selected rows run from layer 0."""
@@ -99,21 +143,58 @@ class Selection(ABC):
 
     @abstractmethod
     def select(self, inp: SelectionInput) -> torch.Tensor:
-        """[budget] int64 sorted slot indices of the tokens to recompute."""
+        """[first_rows(budget, tokens)] int64 sorted slot indices of the tokens to recompute."""
 
-    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
+    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor, keep: int) -> torch.Tensor:
         """After ``layer`` (one of ``narrow_layers``) ran for ``rows`` ([n] slots) with per-row
-        K+V deviation ``dev`` [n]: sorted positions *into rows* to keep for the next layers."""
-        return torch.arange(rows.numel())
+        K+V deviation ``dev`` [n] at that layer: sorted positions *into rows* of the ``keep``
+        (``narrow_count``) rows that go on (default: the most deviating)."""
+        return _top(dev, keep)
 
 
-class CacheBlendSelection(Selection):
-    """Top ``budget`` tokens by K deviation at layer 1 (CacheBlend / LMCache)."""
+class OneShotCacheBlendSelection(Selection):
+    """Top ``budget`` tokens by K deviation at layer 1, never narrowed (LMCache's CacheBlend)."""
 
-    name = "cacheblend"
+    name = "cacheblend-oneshot"
 
     def select(self, inp: SelectionInput) -> torch.Tensor:
         return _top(inp.dev_k, inp.budget)
+
+
+class CacheBlendSelection(Selection):
+    """The paper's CacheBlend: gradual filtering by K+V deviation (see the module docstring).
+
+    first_factor: tokens chosen at the check layer, as a multiple of the budget (capped at every token).
+    filter_steps: narrowing layers after the check layer (0-based ``check_layer .. check_layer +
+                  filter_steps - 1``, fewer on a shallow model); the count falls geometrically from
+                  ``first_factor * budget`` to ``budget`` over them.
+    """
+
+    name = "cacheblend"
+
+    def __init__(self, first_factor: float = 2.0, filter_steps: int = 4) -> None:
+        if first_factor < 1.0:
+            raise ConfigError(f"first_factor must be >= 1 (tokens at the check layer per final token), got {first_factor}")
+        if filter_steps < 1:
+            raise ConfigError(f"filter_steps must be >= 1, got {filter_steps}")
+        self.first_factor = first_factor
+        self.filter_steps = filter_steps
+
+    def narrow_layers(self, num_layers: int) -> tuple[int, ...]:
+        # never after the last layer: the final count must be reached below it
+        return tuple(range(self.check_layer, min(self.check_layer + self.filter_steps, num_layers - 1)))
+
+    def first_rows(self, budget: int, tokens: int) -> int:
+        return min(tokens, max(budget, round(budget * self.first_factor)))
+
+    def narrow_count(self, layer: int, rows: int, budget: int, num_layers: int) -> int:
+        steps = self.narrow_layers(num_layers)
+        left = len(steps) - steps.index(layer)  # narrowing steps left, this one included
+        # geometric: equal factors from ``rows`` down to ``budget`` over the steps left; the last one hits it
+        return max(budget, round(budget * (rows / budget) ** ((left - 1) / left)))
+
+    def select(self, inp: SelectionInput) -> torch.Tensor:
+        return _top(inp.dev_k + inp.dev_v, self.first_rows(inp.budget, inp.num_tokens))
 
 
 class KDNSelection(Selection):
@@ -192,13 +273,13 @@ class KDNSelection(Selection):
         score[forced] = float("inf")
         return _top(score, inp.budget)
 
-    def narrow(self, layer: int, rows: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
-        keep = max(1, round(rows.numel() * self.narrow_keep))
-        return _top(dev, keep)
+    def narrow_count(self, layer: int, rows: int, budget: int, num_layers: int) -> int:
+        return max(1, round(rows * self.narrow_keep))
 
 
 SELECTIONS: dict[str, type[Selection]] = {
     CacheBlendSelection.name: CacheBlendSelection,
+    OneShotCacheBlendSelection.name: OneShotCacheBlendSelection,
     KDNSelection.name: KDNSelection,
 }
 
@@ -211,3 +292,33 @@ def get_selection(selection: str | Selection) -> Selection:
     if cls is None:
         raise ConfigError(f"selection must be one of {tuple(SELECTIONS)} or a Selection, got {selection!r}")
     return cls()
+
+
+def layer_share(selection: Selection, num_layers: int, tokens: int, ratio: float, query_known: bool = True) -> float:
+    """Share of the (layer x context token) rows a blend at ``ratio`` recomputes (``recompute_share``)."""
+    budget = min(tokens, max(1, round(ratio * tokens)))
+    return sum(selection.rows_per_layer(num_layers, tokens, budget, query_known)) / (num_layers * tokens)
+
+
+def ratio_for_layer_share(selection: Selection, num_layers: int, tokens: int, share: float,
+                          query_known: bool = True) -> float:
+    """The ratio (``budget / tokens``) whose layer share for ``tokens`` context tokens is closest to
+    ``share``: bisection over the budget (the layer share never falls as the budget grows). A share
+    below the strategy's floor (a probe's fresh layers) gives the smallest budget, 1."""
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"layer share must lie in (0, 1], got {share}")
+    if tokens < 1:
+        raise ConfigError(f"tokens must be >= 1, got {tokens}")
+
+    def at(b: int) -> float:
+        return layer_share(selection, num_layers, tokens, b / tokens, query_known)
+
+    lo, hi = 1, tokens  # smallest budget whose share reaches ``share``
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid) >= share:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min((b for b in (lo - 1, lo) if b >= 1), key=lambda b: (abs(at(b) - share), b))
+    return best / tokens

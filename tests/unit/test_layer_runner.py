@@ -94,6 +94,10 @@ def test_ratio_one_blend_is_full_prefill(family, fixed_selection):
                     last_hidden=True)
     assert _max_err(kv, exact) <= 1e-4, family
     assert _max_err(layer_runner(model).logits(res.last_hidden), logits[-1]) <= 1e-4, family
+    # the paper's cacheblend at ratio 1: every slot at every layer, no filtering
+    kv = torch.randn_like(exact) * 3
+    res = recompute(model, kv, ids, [(0, 30), (30, T - q)], 1.0, get_selection("cacheblend"), query_rows=q)
+    assert _max_err(kv, exact) <= 1e-4 and set(res.layer_rows) == {T - q}, family
 
 
 @pytest.mark.parametrize("family", WINDOWED)
@@ -111,6 +115,10 @@ def test_recomputing_rows_of_an_exact_windowed_cache_leaves_it_unchanged(family,
     kv = exact.clone()
     recompute(model, kv, ids, [(0, 40), (40, T - 8)], 0.3, get_selection("kdn"), query_rows=8)
     assert _max_err(kv, exact) <= 1e-4, family
+    # the paper's cacheblend, filtering gradually over the windowed layers
+    kv = exact.clone()
+    res = recompute(model, kv, ids, [(0, 40), (40, T - 8)], 0.3, get_selection("cacheblend"), query_rows=8)
+    assert _max_err(kv, exact) <= 1e-4 and res.layer_rows[1] > res.layer_rows[-1], family
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral-window", "gemma3", "gemma2"])

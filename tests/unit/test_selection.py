@@ -7,10 +7,13 @@ import torch
 
 from kdn_hf.blend import (
     SELECTIONS,
+    CacheBlendSelection,
     KDNSelection,
     SelectionInput,
     causal_mask,
     get_selection,
+    layer_share,
+    ratio_for_layer_share,
 )
 from kdn_hf.errors import ConfigError
 
@@ -24,10 +27,11 @@ def _input(seed: int = 0, tokens: int = 200, budget: int = 30) -> SelectionInput
 @pytest.mark.parametrize("name", sorted(SELECTIONS))
 def test_every_strategy_is_deterministic_and_respects_the_budget(name):
     inp = _input()
-    a = get_selection(name).select(inp)
+    sel = get_selection(name)
+    a = sel.select(inp)
     b = get_selection(name).select(_input())
     assert torch.equal(a, b)
-    assert a.numel() == inp.budget and a.dtype == torch.long
+    assert a.numel() == sel.first_rows(inp.budget, inp.num_tokens) >= inp.budget and a.dtype == torch.long
     assert torch.equal(a, torch.sort(a).values) and a.unique().numel() == a.numel()
     assert int(a.min()) >= 0 and int(a.max()) < inp.num_tokens
 
@@ -41,10 +45,50 @@ def test_kdn_selection_takes_each_later_chunks_first_tokens():
     assert small.tolist() == [50, 51, 52, 120]
 
 
-def test_cacheblend_selection_is_top_k_by_k_deviation():
+def test_oneshot_cacheblend_selection_is_top_k_by_k_deviation_and_never_narrows():
     dev = torch.tensor([0.0, 5.0, 1.0, 9.0, 5.0])
-    sel = get_selection("cacheblend").select(SelectionInput(dev, torch.zeros(5), ((0, 5),), 2))
-    assert sel.tolist() == [1, 3]  # tie 1 vs 4 goes to the earlier position
+    sel = get_selection("cacheblend-oneshot")
+    assert sel.select(SelectionInput(dev, torch.zeros(5), ((0, 5),), 2)).tolist() == [1, 3]  # tie: earlier
+    assert sel.rows_per_layer(30, 100, 15) == (100,) + (15,) * 29
+
+
+def test_paper_cacheblend_picks_more_by_kv_deviation_then_filters_down_to_the_budget():
+    sel = get_selection("cacheblend")
+    dev_k = torch.tensor([0.0, 5.0, 1.0, 9.0, 5.0, 0.0, 2.0, 0.0])
+    dev_v = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 8.0, 0.0, 0.0])
+    # budget 2, first_factor 2: the 4 largest K+V deviations (5, 9, 6, 8) at the check layer
+    assert sel.select(SelectionInput(dev_k, dev_v, ((0, 8),), 2)).tolist() == [1, 3, 4, 5]
+    rows = sel.rows_per_layer(30, 1000, 150)
+    assert rows[0] == 1000 and rows[1] == 300  # layer 0 fresh for all, 2x the budget at the check layer
+    steps = rows[1:6]
+    assert all(a > b for a, b in zip(steps, steps[1:])) and rows[5:] == (150,) * 25  # gradual, then the budget
+    assert sel.narrow_layers(30) == (1, 2, 3, 4)
+    # a shallow model: fewer steps, the budget still reached before the last layer
+    assert sel.narrow_layers(4) == (1, 2) and sel.rows_per_layer(4, 100, 10)[-1] == 10
+    # ratio 1: every token at every layer, nothing narrowed
+    assert set(sel.rows_per_layer(30, 200, 200)) == {200}
+    assert CacheBlendSelection(first_factor=1.0).rows_per_layer(30, 100, 15) == (100,) + (15,) * 29
+    with pytest.raises(ConfigError, match="first_factor"):
+        CacheBlendSelection(first_factor=0.5)
+    with pytest.raises(ConfigError, match="filter_steps"):
+        CacheBlendSelection(filter_steps=0)
+
+
+@pytest.mark.parametrize("name", sorted(SELECTIONS))
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.15, 0.3])
+def test_ratio_for_layer_share_hits_the_target_share(name, share):
+    sel = get_selection(name)
+    tokens, layers = 1500, 30
+    ratio = ratio_for_layer_share(sel, layers, tokens, share)
+    got = layer_share(sel, layers, tokens, ratio)
+    floor = layer_share(sel, layers, tokens, 1 / tokens)  # a probe's fresh layers cost that much at least
+    if share < floor:
+        assert ratio == 1 / tokens
+    else:
+        assert abs(got - share) <= 1.5 / tokens, (name, share, ratio, got)  # within about one token's rows
+    assert layer_share(sel, layers, tokens, 1.0) == 1.0
+    with pytest.raises(ConfigError, match="layer share"):
+        ratio_for_layer_share(sel, layers, tokens, 0.0)
 
 
 def test_unknown_selection_lists_the_allowed_names():
@@ -98,4 +142,10 @@ def test_kdn_selection_narrows_at_fractions_of_the_depth():
     assert KDNSelection(narrow_depths=(0.5,)).narrow_layers(24) == (12,)
     # keeps the narrow_keep share of the rows with the largest deviation, in slot order
     rows = torch.tensor([3, 5, 9, 12])
-    assert KDNSelection(narrow_keep=0.5).narrow(4, rows, torch.tensor([0.1, 4.0, 0.2, 3.0])).tolist() == [1, 3]
+    sel = KDNSelection(narrow_keep=0.5)
+    keep = sel.narrow_count(4, 4, 2, 30)
+    assert keep == 2 and sel.narrow(4, rows, torch.tensor([0.1, 4.0, 0.2, 3.0]), keep).tolist() == [1, 3]
+    # the question is known: no probe, every row from layer 0; narrowing below the 85% of the rows each time
+    r = KDNSelection().rows_per_layer(30, 1000, 150)
+    assert r[:5] == (150,) * 5 and r[5] == round(150 * 0.85) and r[-1] < 150 // 2
+    assert KDNSelection().rows_per_layer(30, 1000, 150, query_known=False)[0] == 1000  # probe: layer 0 fresh
