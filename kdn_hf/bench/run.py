@@ -169,7 +169,8 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
             raise ConfigError(f"no {split} QA question fits {k} documents cut to {n_tok} tokens; "
                               f"raise --doc-tokens or --k")
         timed = cases[:timing_cases]
-        log(f"[rag/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
+        log(f"[rag/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts "
+            f"x {reps} reps")
         # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
         kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
         times = time_methods(kdn, methods, timed, reps)
