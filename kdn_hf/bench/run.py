@@ -215,7 +215,8 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
             log(f"[layer share {layer_share:g}] " + ", ".join(f"{m.selection}: ratio {m.ratio:.3f}"
                                                              for m in methods if m.mode == "blend"))
         timed = cases[:timing_cases]
-        log(f"[{workload}/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
+        log(f"[{workload}/{split} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts "
+            f"x {reps} reps")
         # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
         kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
         times = time_methods(kdn, methods, timed, reps)

@@ -79,7 +79,7 @@ def test_quality_measures_against_generate_and_across_methods(smol):
     answer-token KL ~0, while naive reuse has a clearly larger answer-token KL."""
     model, tok = smol
     kdn = KDN(model, tok, store="memory://")
-    cases = rag_cases(tok, k=3, doc_tokens=128, split="test", limit=4)
+    cases = rag_cases(tok, k=3, doc_tokens=128, split="test", limit=2)  # one SQuAD, one HotpotQA
     assert {c.kind for c in cases} == {"squad", "hotpotqa"}
     methods = [Method("full", "full"), Method("reuse", "reuse"), Method("blend@1/kdn", "blend", 1.0, "kdn")]
     q = quality(kdn, methods, cases, tf_tokens=20, log=None)
