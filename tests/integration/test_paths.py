@@ -166,3 +166,20 @@ def test_ttft_clock_brackets_the_first_token(kdn, smol, docs, mode):
     assert s.total_s >= passes[-1][1] - t0_latest >= len(passes) * sleep
     assert s.total_s <= returned - called
     assert s.total_s - s.ttft_s >= passes[-1][1] - after[0] >= (len(passes) - before) * sleep
+
+
+@pytest.mark.gemma
+def test_prefix_suffix_on_gemma_layers_the_runner_masks(gemma, docs):
+    """Gemma-3's layers (sliding and full attention, not the grouped path) run the suffix with the
+    runner's causal masks: the prepared KV and the answer are full prefill's."""
+    model, tok = gemma
+    kdn = KDN(model, tok, store="memory://")
+    chunks = [SYSTEM] + [d + "\n\n" for d in docs] + [QUESTION]
+    kdn.generate(chunks[:1] + ["x"], max_new_tokens=1, mode="prefix")
+    full = kdn.generate(chunks, max_new_tokens=6, mode="full")
+    res = kdn.generate(chunks, max_new_tokens=6, mode="prefix")
+    assert res.token_ids == full.token_ids and res.stats.misses == 4
+    cache = kdn.prepare(chunks[:-1], mode="prefix")
+    ids = cache.token_ids
+    ref, _ = prefill(model, ids, torch.arange(len(ids)))
+    assert (_kv(cache) - stack_cache(ref)).abs().max().item() < 1e-3
