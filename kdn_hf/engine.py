@@ -203,7 +203,7 @@ class KDN:
         selections (``"kdn"``) use it to choose what to recompute; the cache still covers
         ``chunks`` only. Without it they fall back to ranking by deviation.
         ``reserve``: room for that many tokens appended later (question + generated tokens), written
-        into the cache in place rather than by copying every layer per step (``reuse``/``blend``).
+        into the cache in place rather than by copying every layer per step (every mode but ``full``).
         Chunks computed on a miss are stored before this returns.
         """
         ratio = _check_mode(mode, recompute_ratio, selection)

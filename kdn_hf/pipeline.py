@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -28,7 +29,7 @@ from kdn_hf.blend import get_selection
 from kdn_hf.blend.stage import Blend
 from kdn_hf.cache import KDNCache
 from kdn_hf.compose import compose
-from kdn_hf.compute import compute_chunk_kv, prefill, stack_cache
+from kdn_hf.compute import compute_chunk_kv, compute_chunks_kv, prefill
 from kdn_hf.delivery import start_loading
 from kdn_hf.first_token import next_token_logits
 from kdn_hf.kernels import describe
@@ -39,6 +40,7 @@ from kdn_hf.prompt import Prompt
 from kdn_hf.resolve import Resolution, Source, computed_source, entry_mismatch, resolve, resolve_prefix
 from kdn_hf.result import PrepareStats
 from kdn_hf.store_back import StoreBack
+from kdn_hf.suffix import prefill_into
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,21 @@ class Request:
     first_token: bool = False
 
 
+def _ids_and_context(unit: Unit) -> tuple[torch.Tensor, torch.Tensor | None]:
+    context = torch.tensor(unit.context, dtype=torch.long) if unit.context else None
+    return torch.tensor(unit.ids, dtype=torch.long), context
+
+
 def compute_unit(model, unit: Unit) -> ChunkKV:
     """A unit's KV computed on its own, after its context (a miss)."""
-    context = torch.tensor(unit.context, dtype=torch.long) if unit.context else None
-    return compute_chunk_kv(model, torch.tensor(unit.ids, dtype=torch.long), context=context)
+    ids, context = _ids_and_context(unit)
+    return compute_chunk_kv(model, ids, context=context)
+
+
+def compute_units(model, units: Sequence[Unit]) -> list[ChunkKV]:
+    """Each unit's KV as ``compute_unit`` computes it, in batched forwards where lengths allow
+    (``kdn_hf.compute.compute_chunks_kv``); in the order of ``units``."""
+    return compute_chunks_kv(model, [_ids_and_context(u) for u in units])
 
 
 def prepare_prompt(kdn, req: Request) -> KDNCache:
@@ -81,7 +94,7 @@ def prepare_prompt(kdn, req: Request) -> KDNCache:
     if req.mode == "full":
         cache, stats = _full(kdn, sub)
     elif req.mode == "prefix":
-        cache, stats = _prefix(kdn, sub, req.store_back)
+        cache, stats = _prefix(kdn, sub, req)
     else:
         # longrope switches every frequency once a sequence passes a length: check the whole prompt
         kdn.rope_spec.check_positions(len(req.prompt) - 1)
@@ -103,31 +116,40 @@ def _full(kdn, prompt: Prompt) -> tuple[KDNCache, PrepareStats]:
     return cache, stats
 
 
-def _prefix(kdn, prompt: Prompt, store_back: StoreBack) -> tuple[KDNCache, PrepareStats]:
-    """Reuse the longest run of exact prefix entries, prefill the rest after it and store it back."""
+def _prefix(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
+    """Reuse the longest run of exact prefix entries, prefill the rest after it and store it back.
+
+    One buffer holds it all: the entries are written into its first slots, the rest is prefilled into
+    the slots after them (``kdn_hf.suffix``: bottom-right causal, in place), with ``keep_query`` the
+    question but its last token too, and ``reserve`` slots are left for what generate appends. The
+    computed prefix entries are views of the buffer, copied by the store-back after the answer.
+    """
     units = plan_prefix(kdn.policy, prompt)
     hits = resolve_prefix(units, lambda key: kdn.store.get(key, kdn.policy.fingerprint), kdn.geometry,
                           kdn.store.note_corrupt)
-    ids = prompt.prompt_ids
-    hit_len = units[len(hits) - 1].end if hits else 0
-    if hits:
-        kv = torch.cat([s.layers(0, kdn.geometry.num_layers).to(kdn.model.device) for s in hits], dim=3)
-        cache = KDNCache(kv, torch.arange(hit_len), torch.tensor(ids[:hit_len], dtype=torch.long))
-    else:
-        cache = KDNCache()
-    sources: dict[str, Source] = {s.unit.key: s for s in hits}
-    if hit_len < len(ids):
-        prefill(kdn.model, torch.tensor(ids[hit_len:]), torch.arange(hit_len, len(ids)), cache=cache)
-        full = stack_cache(cache)
-        for unit in units[len(hits):]:
-            chunk = ChunkKV(full[:, :, :, unit.start:unit.end].contiguous(), torch.arange(unit.start, unit.end),
-                            torch.tensor(unit.ids, dtype=torch.long))
-            store_back.put(unit.key, chunk)
-            sources[unit.key] = computed_source(unit, chunk)
-    cache.token_ids = torch.tensor(ids, dtype=torch.long)
+    query = list(req.query[:-1]) if req.keep_query else []  # generate feeds the question's last token
+    ids = list(prompt.prompt_ids) + query
+    n, geo = len(ids), kdn.geometry
     stats = prepare_stats("prefix", len(prompt.chunk_ids), len(prompt))
+    if not n:
+        return KDNCache(), stats
+    buf = torch.empty(geo.num_layers, 2, geo.kv_heads, n + 1 + req.reserve, geo.head_dim, dtype=geo.dtype,
+                      device=kdn.model.device)
+    for s in hits:
+        buf[:, :, :, s.unit.start:s.unit.end] = s.layers(0, geo.num_layers)
+    sources: dict[str, Source] = {s.unit.key: s for s in hits}
+    hit_len = units[len(hits) - 1].end if hits else 0
+    prefill_into(kdn.model, buf, hit_len, torch.tensor(ids[hit_len:], dtype=torch.long))
+    for unit in units[len(hits):]:
+        # a view of the buffer: generate writes only the slots after the prompt, the store-back copies it
+        chunk = ChunkKV(buf[:, :, :, unit.start:unit.end], torch.arange(unit.start, unit.end),
+                        torch.tensor(unit.ids, dtype=torch.long))
+        req.store_back.put(unit.key, chunk)
+        sources[unit.key] = computed_source(unit, chunk)
     count_sources(stats, units, sources)
-    return cache, stats
+    stats.tokens_computed += len(query)
+    token_ids = torch.tensor(ids, dtype=torch.long)
+    return KDNCache(buf[:, :, :, :n], torch.arange(n), token_ids, capacity=buf), stats
 
 
 def _blend_variant(ratio: float, name: str, selection) -> str:
@@ -190,7 +212,8 @@ def _reuse(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
     resolution = Resolution()
     try:
         with start_loading(kdn.store, keys, kdn.policy.fingerprint, decode=not kdn.layerwise) as loader:
-            resolve(units, loader.get, kdn.geometry, compute, kdn.store.note_corrupt, into=resolution)
+            resolve(units, loader.get, kdn.geometry, compute, kdn.store.note_corrupt, into=resolution,
+                    compute_many=lambda missing: compute_units(kdn.model, missing))
         composition = compose(units, resolution, kdn.rope_spec, kdn.geometry, device, compute=compute,
                               note_corrupt=kdn.store.note_corrupt, first_layer=first_layer,
                               extra=len(query) + req.reserve, layerwise=kdn.layerwise)

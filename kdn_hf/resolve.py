@@ -118,17 +118,22 @@ class Resolution:
 
 
 def resolve(units: Sequence[Unit], get, geometry: Geometry, compute: Callable[[Unit], ChunkKV],
-            note_corrupt: Callable[[str], None], into: Resolution | None = None) -> Resolution:
+            note_corrupt: Callable[[str], None], into: Resolution | None = None,
+            compute_many: Callable[[Sequence[Unit]], list[ChunkKV]] | None = None) -> Resolution:
     """A source for every distinct unit of ``units``.
 
     get:          ``get(key) -> StoreHit`` (a ``ChunkLoader``'s, or the store's): an entry or a miss.
     compute:      computes a unit's KV on its own, after its context (a miss).
     note_corrupt: called with the key of an entry that does not hold what its key promises.
     into:         the Resolution to fill (returned), so a caller keeps what was computed before an error.
+    compute_many: computes the KV of several missed units at once, each as ``compute`` would (e.g. in
+                  batched forwards): ``compute_many(units) -> [ChunkKV]`` in their order. Without it the
+                  misses are computed one by one. Misses are computed after every lookup, all together.
     """
     out = Resolution() if into is None else into
+    found: dict[str, tuple[Unit, Source | None]] = {}  # key -> (its first unit, its stored source or None)
     for unit in units:
-        if unit.key in out.sources:  # the same chunk again in this prompt
+        if unit.key in out.sources or unit.key in found:  # the same chunk again in this prompt
             continue
         entry, tier = get(unit.key)
         if entry is not None:
@@ -137,16 +142,22 @@ def resolve(units: Sequence[Unit], get, geometry: Geometry, compute: Callable[[U
                 log.warning("entry %s does not hold what its key promises (%s); recomputing", unit.key, why)
                 note_corrupt(unit.key)
                 entry = None
-        if entry is not None:
-            if isinstance(entry, ChunkKV):  # decoded whole
-                out.sources[unit.key] = Source(unit, lambda start, stop, kv=entry.kv: kv[start:stop],
-                                               entry.positions, tier, entry.nbytes)
-            else:  # an OpenEntry: its layers decode on demand
-                out.sources[unit.key] = Source(unit, entry.layers, entry.positions, tier, entry.nbytes, entry)
-        else:
-            chunk = compute(unit)
-            out.computed.append((unit.key, chunk))
-            out.sources[unit.key] = computed_source(unit, chunk)
+        if entry is None:
+            found[unit.key] = (unit, None)
+        elif isinstance(entry, ChunkKV):  # decoded whole
+            found[unit.key] = (unit, Source(unit, lambda start, stop, kv=entry.kv: kv[start:stop], entry.positions,
+                                            tier, entry.nbytes))
+        else:  # an OpenEntry: its layers decode on demand
+            found[unit.key] = (unit, Source(unit, entry.layers, entry.positions, tier, entry.nbytes, entry))
+    missing = [unit for unit, src in found.values() if src is None]
+    if compute_many is not None and len(missing) > 1:
+        out.computed.extend(zip((u.key for u in missing), compute_many(missing)))
+    else:
+        for unit in missing:  # each kept as soon as it is computed
+            out.computed.append((unit.key, compute(unit)))
+    computed = dict(out.computed[len(out.computed) - len(missing):])
+    for key, (unit, src) in found.items():
+        out.sources[key] = src if src is not None else computed_source(unit, computed[key])
     return out
 
 

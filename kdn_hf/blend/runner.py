@@ -380,12 +380,14 @@ class LayerRunner:
             return logits.float()
 
 
-def _grouped_layer(layer, hidden, rs, pos_emb, cache: ScatterCache, kv_only: bool = False):
+def _grouped_layer(layer, hidden, rs, pos_emb, cache: ScatterCache, kv_only: bool = False, attend=None):
     """The forward of a Llama-style decoder layer (full attention) on the rows ``rs``, its attention
     by :func:`grouped_attention` at the model's scaling. Same result as the stock forward with the
     full causal mask.
 
     hidden: [1, rows, hidden]; pos_emb: (cos, sin) [1, rows, head_dim] of the rows;
+    attend: ``attend(q, keys, values, scale) -> [1, rows, heads * head_dim]``, the attention to use in
+            place of ``grouped_attention`` (``kdn_hf.suffix``: rows at the end of the keys), or None;
     returns [1, rows, hidden], or None with ``kv_only``.
     """
     attn = layer.self_attn
@@ -407,7 +409,9 @@ def _grouped_layer(layer, hidden, rs, pos_emb, cache: ScatterCache, kv_only: boo
         return None
     finally:
         cache.probe = False
-    hidden = hidden + attn.o_proj(grouped_attention(q, keys, values, rs, attn.scaling))
+    attend = attend or (lambda q, keys, values, scale: grouped_attention(q, keys, values, rs, scale))
+    o = attend(q, keys, values, attn.scaling)  # [1, rows, heads * head_dim]
+    hidden = hidden + attn.o_proj(o)
     return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 

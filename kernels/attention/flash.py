@@ -49,7 +49,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     gqa = q.shape[1] != k.shape[1]
     if rows == keys:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    # SDPA's is_causal is aligned top-left: the offset mask says where the queries sit
+    if 2 * rows >= keys:
+        # SDPA's is_causal is aligned top-left, and with a mask its kernels compute the whole rows x keys
+        # rectangle. Where the queries are at least half the keys, a causal square is cheaper: zero
+        # queries in the first slots (their rows are dropped), the real ones in the last: each row's
+        # result is what a full causal prefill computes there (its keys and its weights are the same).
+        padded = q.new_zeros(*q.shape[:2], keys, q.shape[3])
+        padded[:, :, keys - rows:] = q
+        o = F.scaled_dot_product_attention(padded, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return o[:, :, keys - rows:]
+    # few queries: the rectangle with an offset mask that says where the queries sit
     j = torch.arange(keys, device=q.device)
     mask = j[None, :] <= (keys - rows + torch.arange(rows, device=q.device))[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -59,7 +59,10 @@ def test_reuse_through_stock_generate_computes_only_the_suffix(kdn, smol, docs):
     assert res.stats.misses == 0 and res.stats.hit_count == 3 + _lead(kdn)
     assert res.stats.tokens_computed == q_len
     assert res.stats.tokens_reused == len(res.prompt_ids) - q_len
-    assert res.stats.bytes_loaded > 0 and 0 < res.stats.ttft_s <= res.stats.total_s
+    assert res.stats.bytes_loaded > 0
+    # the first token comes after the cache is prepared, and 9 more are decoded after it (the clock itself:
+    # test_paths.py::test_ttft_clock_brackets_the_first_token)
+    assert res.stats.prepare_s < res.stats.ttft_s < res.stats.total_s
 
     # the HF way gives the same tokens
     cache = kdn.prepare(chunks[:-1], mode="reuse")
@@ -210,7 +213,7 @@ def test_greedy_blend_takes_its_first_token_from_the_blend(kdn, smol, docs):
     assert fast.stats.first_token == "blend" and stock.stats.first_token == "generate"
     assert fast.token_ids == stock.token_ids and fast.text == stock.text
     assert fast.stats.tokens_computed == stock.stats.tokens_computed  # question counted once either way
-    assert fast.stats.ttft_s <= fast.stats.total_s
+    assert fast.stats.prepare_s < fast.stats.ttft_s < fast.stats.total_s  # 7 tokens decoded after the first
     one = kdn.generate(chunks, max_new_tokens=1)
     assert one.token_ids == fast.token_ids[:1] and one.stats.tokens_generated == 1
     # ratio 1.0: the first token from the blend equals full prefill's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kdn_hf.errors import ConfigError, InputError
 from kdn_hf.kernels import causal_attention, describe, selected_attention
@@ -82,6 +83,17 @@ def test_causal_attention_sdpa_is_bottom_right_aligned():
     assert_close(causal_attention(q, k, v, backend="sdpa"), want, atol=1e-6)
     q, k, v = _qkv(1, 2, 2, 9, 9, 8)
     assert_close(causal_attention(q, k, v), selected_attention(q, k, v, torch.arange(9), backend="torch"), atol=1e-6)
+
+
+def test_causal_attention_sdpa_with_most_queries_is_the_causal_prefills_last_rows():
+    # queries >= half the keys take the padded causal square: the same rows full causal prefill computes
+    q, k, v = _qkv(1, 4, 2, 40, 40, 8)
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for rows in (20, 33, 39):
+        got = causal_attention(q[:, :, 40 - rows:], k, v, backend="sdpa")
+        assert torch.equal(got, full[:, :, 40 - rows:])
+        want = selected_attention(q[:, :, 40 - rows:], k, v, torch.arange(40 - rows, 40), backend="torch")
+        assert_close(got, want, atol=1e-6)
 
 
 def test_the_cpu_choice_is_torch_and_sdpa():
