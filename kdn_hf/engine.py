@@ -88,10 +88,15 @@ class KDN:
     layerwise: compose the prompt's KV layer by layer on a background thread (``kdn_hf.delivery``), so
                the decode and re-rotation of later layers overlap the blending of earlier ones; False:
                whole chunks, in prompt order (same bytes).
+    cold_blend: a blend ``generate`` none of whose chunks is stored: ``"full"`` (default) answers it by
+               full prefill (exact, full prefill's TTFT) and computes and stores its chunks after the
+               answer; ``"blend"`` computes the chunks first and blends them (about 1.2x full prefill's
+               TTFT). ``prepare``/``KDNCache`` always compute and blend.
     """
 
     def __init__(self, model, tokenizer, store=None, *, namespace: str | None = None, codec: str | None = None,
-                 lead_in=None, store_blends: bool = False, layerwise: bool = True) -> None:
+                 lead_in=None, store_blends: bool = False, layerwise: bool = True,
+                 cold_blend: str = "full") -> None:
         namespace = env.namespace() if namespace is None else namespace
         codec = env.codec() if codec is None else codec
         if not isinstance(namespace, str) or not namespace:
@@ -112,6 +117,12 @@ class KDN:
         self.geometry = Geometry.of(model)
         self.store_blends = store_blends
         self.layerwise = layerwise
+        if cold_blend not in ("full", "blend"):
+            raise ConfigError(f"cold_blend must be 'full' (a blend request none of whose chunks is stored is "
+                              f"answered by full prefill, its chunks stored after the answer) or 'blend' "
+                              f"(compute the chunks, then blend), got {cold_blend!r}")
+        #: what a blend ``generate`` does when none of its chunks is stored (``kdn_hf.generation``)
+        self.cold_blend = cold_blend
         self._rope: RopeSpec | None = None
         self._rope_lock = threading.Lock()
         # the layer runner's one-time check against the model's own forward, here rather than on the

@@ -11,6 +11,13 @@ also when generation fails.
 
 TTFT runs from the call to the first generated token: the blend's pick, or the
 first token stock ``generate`` streams.
+
+A cold blend (``KDN(cold_blend="full")``, the default): when none of the
+prompt's context chunks is stored, blending would compute every chunk on its
+own and then recompute a share of them, about 1.2x the cost of a full prefill.
+The request is then answered by full prefill instead (exact, at full prefill's
+TTFT), and its chunks are computed and stored after the answer, so the next
+request with these documents blends (``stats.cold_full``).
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import torch
 
 from kdn_hf.compat import cache_kwarg
 from kdn_hf.first_token import FirstTokenClock, blend_picks_first_token, eos_ids
-from kdn_hf.pipeline import Request, prepare_prompt
-from kdn_hf.prompt import build_prompt
+from kdn_hf.pipeline import Request, compute_units, prepare_prompt
+from kdn_hf.plan import plan_chunks
+from kdn_hf.prompt import Prompt, build_prompt
 from kdn_hf.result import GenerateResult, GenerateStats
 from kdn_hf.store_back import StoreBack
 
@@ -36,9 +44,13 @@ def answer(kdn, chunks: Sequence, *, max_new_tokens: int, mode: str, ratio: floa
     ids = prompt.prompt_ids
     first_token = blend_picks_first_token(kdn.model, mode, generate_kwargs)
     with StoreBack(kdn.store, kdn.policy.fingerprint, kdn.codec) as store_back:  # flushed after the answer
-        if mode == "full":
+        cold = _cold_units(kdn, prompt) if mode == "blend" and kdn.cold_blend == "full" else None
+        if mode == "full" or cold:
             cache = None
             stats = GenerateStats(mode=mode, chunks=len(prompt.chunk_ids), tokens_total=len(ids))
+            if cold:  # answered by full prefill; the chunks are computed for the store after the answer
+                stats.cold_full, stats.misses = True, len(cold)
+                store_back.put_later(lambda: zip((u.key for u in cold), compute_units(kdn.model, cold)))
         else:
             # blend computes the question with the context (question-aware selection sees it); the
             # cache then covers all of it (first token taken from the blend) or all but its last token
@@ -57,6 +69,18 @@ def answer(kdn, chunks: Sequence, *, max_new_tokens: int, mode: str, ratio: floa
     stats.ttft_s = (first_at - t0) if first_at else stats.total_s
     text = kdn.tokenizer.decode(new, skip_special_tokens=True)
     return GenerateResult(text=text, token_ids=new, prompt_ids=ids, stats=stats)
+
+
+def _cold_units(kdn, prompt: Prompt):
+    """The distinct context units of ``prompt`` (the question left out) that are not stored, when none of
+    its chunks is (the opener's entry does not count); else None."""
+    units = plan_chunks(kdn.policy, Prompt(prompt.opener, prompt.chunk_ids[:-1]))
+    distinct = list({u.key: u for u in units}.values())
+    missing = [u for u in distinct if not kdn.store.contains(u.key)]
+    chunks = [u for u in distinct if u.ids != prompt.opener or u.context]
+    if not chunks or any(u not in missing for u in chunks):
+        return None
+    return missing
 
 
 def _decode(kdn, ids: list[int], cache, max_new_tokens: int, generate_kwargs: dict, stats: GenerateStats):

@@ -46,13 +46,16 @@ class GenerateStats(PrepareStats):
     """PrepareStats plus the request's timings. ttft_s runs from the call to the
     first generated token (store lookups, compose and prefill included).
     first_token: what picked the first token: ``"generate"`` (stock generate) or ``"blend"``
-    (greedy argmax of the blend's last row, which computed the whole question)."""
+    (greedy argmax of the blend's last row, which computed the whole question).
+    cold_full: a blend request none of whose chunks was stored, answered by full prefill (exact); its
+    chunks (``misses``) were computed and stored after the answer (``KDN(cold_blend="full")``)."""
 
     tokens_generated: int = 0
     ttft_s: float = 0.0
     total_s: float = 0.0
     recompute_ratio: float = 0.0
     first_token: str = "generate"
+    cold_full: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -12,6 +12,8 @@ StoreBack, so no request's writes can be dropped or flushed by another.
 
 from __future__ import annotations
 
+from typing import Callable, Iterable
+
 from kdn_hf.kv import ChunkKV
 from kdn_hf.store import KVStore
 
@@ -22,6 +24,13 @@ class StoreBack:
     def __init__(self, store: KVStore, fingerprint: str, codec: str, *, deferred: bool = True) -> None:
         self.store, self.fingerprint, self.codec, self.deferred = store, fingerprint, codec, deferred
         self._pending: list[tuple[str, ChunkKV]] = []
+        self._later: list[Callable[[], Iterable[tuple[str, ChunkKV]]]] = []
+
+    def put_later(self, compute: Callable[[], Iterable[tuple[str, ChunkKV]]]) -> None:
+        """Compute ``(key, chunk)`` pairs at ``flush`` (after the answer) and write them: work a request
+        owes the store but not its answer (a cold blend answered by full prefill computes its chunks
+        here)."""
+        self._later.append(compute)
 
     def put(self, key: str, chunk: ChunkKV) -> None:
         """Write ``chunk`` under ``key`` now, or at ``flush`` when deferred."""
@@ -36,10 +45,13 @@ class StoreBack:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._later)
 
     def flush(self) -> None:
-        """Write every pending chunk (each once)."""
+        """Compute what was put for later, then write every pending chunk (each once)."""
+        later, self._later = self._later, []
+        for compute in later:
+            self._pending.extend(compute())
         pending, self._pending = self._pending, []
         for key, chunk in pending:
             self.store.put(key, chunk, self.fingerprint, codec=self.codec)

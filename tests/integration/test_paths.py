@@ -183,3 +183,35 @@ def test_prefix_suffix_on_gemma_layers_the_runner_masks(gemma, docs):
     ids = cache.token_ids
     ref, _ = prefill(model, ids, torch.arange(len(ids)))
     assert (_kv(cache) - stack_cache(ref)).abs().max().item() < 1e-3
+
+
+def test_cold_blend_answers_by_full_prefill_and_stores_its_chunks_after(smol, docs, tmp_path):
+    """No chunk stored: the blend request is full prefill's (same tokens, exact), its chunks are in the
+    store once it returns, and the next request with them blends; with one chunk stored it blends;
+    ``cold_blend="blend"`` computes and blends."""
+    model, tok = smol
+    kdn = KDN(model, tok, store=tmp_path / "s")
+    chunks = [SYSTEM, docs[0] + "\n\n", docs[1] + "\n\n", QUESTION]
+    full = kdn.generate(chunks, max_new_tokens=6, mode="full")
+    assert not full.stats.cold_full
+    n_units = len({u.key for u in kdn.plan(chunks[:-1])})  # the opener's (if the model has one) and 3 chunks
+    cold = kdn.generate(chunks, max_new_tokens=6, mode="blend")
+    assert cold.stats.cold_full and cold.stats.tokens_recomputed == 0 and cold.stats.misses == n_units
+    assert cold.token_ids == full.token_ids and cold.prompt_ids == full.prompt_ids
+    assert all(kdn.store.contains(u.key) for u in kdn.plan(chunks[:-1]))
+    warm = kdn.generate(chunks, max_new_tokens=6, mode="blend")
+    assert not warm.stats.cold_full and warm.stats.hit_count == n_units and warm.stats.tokens_recomputed > 0
+    # one chunk stored (the system prompt): not cold, the others are computed and blended
+    other = [SYSTEM, docs[2] + "\n\n", docs[3] + "\n\n", QUESTION]
+    part = kdn.generate(other, max_new_tokens=2, mode="blend")
+    assert not part.stats.cold_full and part.stats.misses == 2 and part.stats.tokens_recomputed > 0
+    # cold_blend="blend": the old way, on a store of its own
+    blend_cold = KDN(model, tok, store="memory://", cold_blend="blend").generate(chunks, max_new_tokens=2)
+    assert not blend_cold.stats.cold_full and blend_cold.stats.misses == n_units and blend_cold.stats.tokens_recomputed > 0
+
+
+def test_cold_blend_option_is_checked(smol):
+    from kdn_hf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cold_blend must be 'full'"):
+        KDN(*smol, store="memory://", cold_blend="fast")
