@@ -200,8 +200,8 @@ def cmd_bench(args) -> int:
     from kdn_hf import KDN
     from kdn_hf.bench import format_table, methods_from, plot, run_bench, write_json
 
-    if args.workload != "rag":
-        raise SystemExit(f"kdn bench: unknown workload {args.workload!r}; available: rag")
+    if args.workload not in ("rag", "long"):
+        raise SystemExit(f"kdn bench: unknown workload {args.workload!r}; available: rag, long")
     if args.codec is not None:  # the storage/codec bench (kdn bench-store)
         return cmd_bench_store(args)
     args.questions = 50 if args.questions is None else args.questions
@@ -216,9 +216,17 @@ def cmd_bench(args) -> int:
               lead_in=lead_in)
     store_name = "+".join(t.name for t in kdn.store.tiers)
     doc_tokens = [int(x) for x in _names(args.doc_tokens)]
-    rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,
-                     timing_cases=args.timing_cases, questions=args.questions, tf_tokens=args.tf_tokens,
-                     store_name=store_name, lead_in=args.lead_in, log=lambda m: print(m, file=sys.stderr))
+    common = dict(kdn=kdn, methods=methods, reps=args.reps, timing_cases=args.timing_cases, questions=args.questions,
+                  tf_tokens=args.tf_tokens, store_name=store_name, lead_in=args.lead_in,
+                  log=lambda m: print(m, file=sys.stderr))
+    if args.workload == "long":
+        from kdn_hf.bench.long import run_long
+
+        if len(doc_tokens) != 1:
+            raise SystemExit("kdn bench --workload long: --doc-tokens takes one length (the context grows with --docs)")
+        rows = run_long(docs=[int(x) for x in _names(args.docs)], doc_tokens=doc_tokens[0], **common)
+    else:
+        rows = run_bench(k=args.k, doc_tokens=doc_tokens, **common)
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
@@ -308,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="TTFT and quality of full / prefix / reuse / blend (rag workload); "
                                      "with --codec: the storage/codec bench")
-    p.add_argument("--workload", default="rag", help="workload name (rag: k documents + system prompt + question)")
+    p.add_argument("--workload", default="rag",
+                   help="workload name (rag: k documents + system prompt + question; long: the rag prompt with "
+                        "--docs documents of exactly --doc-tokens tokens each, one row set per count)")
+    p.add_argument("--docs", default="4,8,16",
+                   help="long workload: documents per prompt, comma list (16 x 512 is cut to fit 8192 positions)")
     p.add_argument("--methods", default="full,prefix,reuse,blend", help="comma list from full,prefix,reuse,blend")
     p.add_argument("--ratios", default="0.15", help="blend recompute ratios, comma list")
     p.add_argument("--selection", default="kdn,cacheblend", help="blend selection strategies, comma list")

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from kdn_hf.bench.workload import answer_found
 from kdn_hf.compat import cache_kwarg
 
+#: tokens of each method's own greedy answer (``score``'s ``answer_tokens``)
+ANSWER_TOKENS = 20
+
 
 def _crop(cache, length: int) -> None:
     """Cut ``cache`` back to its first ``length`` tokens (transformers' crop takes a negative count)."""
@@ -47,7 +50,7 @@ def greedy(model, cache, suffix: list[int], n: int) -> list[int]:
 
 @torch.inference_mode()
 def score(model, tokenizer, cache, suffix: list[int], continuation: list[int], answers, ref_first=None,
-          answer_tokens: int = 20) -> dict:
+          answer_tokens: int = ANSWER_TOKENS) -> dict:
     """Measures of one method's context ``cache`` (cropped back after each use).
 
     suffix: the question ids. continuation: full prefill's greedy tokens after it.

@@ -2,7 +2,8 @@
 
 Each result is one row (a plain dict) per (context length, method): timings from
 ``--timing-cases`` requests (median of ``--reps``, store warm), quality from
-``--questions`` requests against full prefill on the same prompt ids. Rows are
+``--questions`` requests against full prefill on the same prompt ids, peak memory
+from one more untimed request per method (``kdn_hf.bench.memory``). Rows are
 printed as a table, written to ``--json`` and plotted to ``--plot``; new
 columns (store tier, codec, ...) are new keys of the same dicts.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from kdn_hf.bench.memory import PeakMemory
 from kdn_hf.bench.quality import _crop, greedy, score
 from kdn_hf.bench.workload import RagCase, rag_cases
 from kdn_hf.errors import ConfigError
@@ -96,6 +98,20 @@ def time_methods(kdn, methods: list[Method], cases: list[RagCase], reps: int) ->
             for label, ts in ttfts.items()}
 
 
+def peak_memory(kdn, methods: list[Method], case: RagCase) -> dict[str, int | None]:
+    """Per method label: peak memory growth (bytes) during one untimed request on ``case`` (store warm,
+    as when timed), or None where it cannot be measured (``kdn_hf.bench.memory``)."""
+    chunks = _chunk_lists(case)
+    out = {}
+    for m in methods:
+        if m.mode == "prefix":
+            _drop_prefix_entries(kdn, chunks[:-1])
+        with PeakMemory(kdn.model.device) as peak:
+            kdn.generate(chunks, max_new_tokens=1, mode=m.mode, recompute_ratio=m.ratio, selection=m.selection)
+        out[m.label] = peak.bytes
+    return out
+
+
 def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, log=print) -> dict[str, dict]:
     """Per method label: mean KL, agreement, answer NLL and accuracy over ``cases`` (vs full)."""
     model, tok = kdn.model, kdn.tokenizer
@@ -132,32 +148,36 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
 
 def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps: int = 3,
               timing_cases: int = 2, questions: int = 50, tf_tokens: int = 32, store_name: str = "memory",
-              lead_in: str = "none", log=print) -> list[dict]:
-    """Rows of results, one per (doc_tokens, method). See the module docstring."""
+              lead_in: str = "none", fill: bool = False, log=print) -> list[dict]:
+    """Rows of results, one per (doc_tokens, method). See the module docstring.
+
+    fill: documents filled to exactly ``doc_tokens`` (``rag_cases(fill=True)``; the long workload)."""
     rows = []
+    workload = "long" if fill else "rag"
     for n_tok in doc_tokens:
-        cases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok)
+        cases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, fill=fill)
         if not cases:
             raise ConfigError(f"no dev QA question fits documents cut to {n_tok} tokens")
         timed = cases[:timing_cases]
-        log(f"[rag k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
+        log(f"[{workload} k={k} doc_tokens={n_tok}] timing {len(methods)} methods on {len(timed)} prompts x {reps} reps")
         # one untimed request first: lazy initialisation (kernels, allocator) is not TTFT
         kdn.generate(_chunk_lists(timed[0]), max_new_tokens=1, mode="full")
         times = time_methods(kdn, methods, timed, reps)
         for m in methods:
             log(f"  {m.label:24s} TTFT {times[m.label]['ttft_s'] * 1000:8.1f} ms")
-        qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions) if questions else []
+        memory = peak_memory(kdn, methods, timed[0])
+        qcases = rag_cases(kdn.tokenizer, k=k, doc_tokens=n_tok, limit=questions, fill=fill) if questions else []
         qual = quality(kdn, methods, qcases, tf_tokens, log=log) if qcases else {}
         base = times["full"]["ttft_s"] if "full" in times else None
         for m in methods:
             t = times[m.label]
-            row = {"workload": "rag", "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
+            row = {"workload": workload, "k": k, "doc_tokens": n_tok, "context_tokens": t["tokens_total"],
                    "store": store_name, "lead_in": lead_in, "method": m.label, "mode": m.mode,
                    "ratio": m.ratio if m.mode == "blend" else 0.0,
                    "selection": m.selection if m.mode == "blend" else None,
                    "ttft_ms": t["ttft_s"] * 1000, "speedup": (base / t["ttft_s"]) if base else None,
                    "tokens_recomputed": t["tokens_recomputed"], "recompute_share": t["recompute_share"],
-                   "bytes_loaded": t["bytes_loaded"]}
+                   "bytes_loaded": t["bytes_loaded"], "peak_mem_bytes": memory[m.label]}
             q = qual.get(m.label) or (qual.get("full") if m.mode == "prefix" else None) or {}
             row.update({key: q.get(key) for key in ("kl_mean", "kl_median", "top1_agree", "answer_nll",
                                                     "accuracy", "n_questions")})
@@ -167,11 +187,11 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
 
 COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
            ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7),
-           ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8),
+           ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8), ("peak_mem_bytes", "{:.0f}", 8),
            ("kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7), ("answer_nll", "{:.3f}", 7),
            ("accuracy", "{:.1%}", 7)]
 HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp", "recompute_share": "layer%",
-           "bytes_loaded": "MiB_load", "kl_mean": "KL", "top1_agree": "top1", "answer_nll": "ans_NLL",
+           "bytes_loaded": "MiB_load", "peak_mem_bytes": "MiB_peak", "kl_mean": "KL", "top1_agree": "top1", "answer_nll": "ans_NLL",
            "accuracy": "acc"}
 
 
@@ -181,7 +201,7 @@ def format_table(rows: list[dict]) -> str:
         cells = []
         for c, fmt, w in COLUMNS:
             v = r.get(c)
-            if c == "bytes_loaded" and v is not None:
+            if c in ("bytes_loaded", "peak_mem_bytes") and v is not None:
                 v = v / 2**20
             cells.append(f"{('-' if v is None else fmt.format(v)):>{w}}")
         lines.append("  ".join(cells))
@@ -189,24 +209,30 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """TTFT and first-token KL by method and context length (PNG)."""
+    """TTFT, first-token KL and (where measured) peak memory by method and context length (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["method"] for r in rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    memory = any(r.get("peak_mem_bytes") is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if memory else 2, figsize=(16 if memory else 11, 4))
+    a1, a2 = axes[0], axes[1]
     for label in labels:
         rs = sorted((r for r in rows if r["method"] == label), key=lambda r: r["context_tokens"])
         x = [r["context_tokens"] for r in rs]
         a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label)
         if all(r.get("kl_mean") is not None for r in rs):
             a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label)
+        if memory and all(r.get("peak_mem_bytes") is not None for r in rs):
+            axes[2].plot(x, [r["peak_mem_bytes"] / 2**20 for r in rs], "o-", label=label)
     a1.set(xlabel="context tokens", ylabel="TTFT (ms, median)", title="time to first token")
     a2.set(xlabel="context tokens", ylabel="first-token KL vs full (nats)", title="quality", yscale="log")
-    a1.legend(fontsize=7)
-    a2.legend(fontsize=7)
+    if memory:
+        axes[2].set(xlabel="context tokens", ylabel="peak memory growth (MiB)", title="memory per request")
+    for a in axes:
+        a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

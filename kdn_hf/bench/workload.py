@@ -86,10 +86,14 @@ def answer_found(text: str, answers) -> bool:
 
 
 def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = None,
-              kinds: tuple[str, ...] = ("squad", "planted")) -> list[RagCase]:
+              kinds: tuple[str, ...] = ("squad", "planted"), fill: bool = False) -> list[RagCase]:
     """The rag requests for ``k`` documents cut to at most ``doc_tokens`` tokens each.
 
-    Questions whose answer falls past the cut are left out. ``limit`` keeps the first
+    fill: bring each document to exactly ``doc_tokens`` tokens by appending the next documents of
+    its article (``\n\n`` between them, cycling through the article's documents), so that a prompt
+    holds ``k * doc_tokens`` document tokens (the long-context workload); else documents shorter
+    than the cut stay as they are (the dev documents hold 218-517 tokens).
+    Questions whose answer falls past the cut (in the question's own document) are left out. ``limit`` keeps the first
     ones after interleaving kinds (planted, squad, planted, ...), so a small limit
     still mixes both.
     """
@@ -99,9 +103,19 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
     enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
     sep = enc("\n\n")
     cut = {}
+    texts = {d["id"]: enc(d["text"]) for d in docs}
     for d in docs:
-        ids = enc(d["text"])[:doc_tokens]
-        cut[d["id"]] = (ids + sep, tokenizer.decode(ids))
+        ids = texts[d["id"]][:doc_tokens]
+        own = tokenizer.decode(ids)
+        if fill:
+            article = d["id"].split("-")[0]
+            same = [e["id"] for e in docs if e["id"].split("-")[0] == article]
+            at = same.index(d["id"])
+            j = 1
+            while len(ids) < doc_tokens:
+                ids = (ids + sep + texts[same[(at + j) % len(same)]])[:doc_tokens]
+                j += 1
+        cut[d["id"]] = (ids + sep, own)
     system_text, question_format = chat_format(tokenizer)
     system = enc(system_text)
     cases = []
