@@ -232,7 +232,8 @@ def plot(rows: list[dict], path: str) -> None:
     if memory:
         axes[2].set(xlabel="context tokens", ylabel="peak memory growth (MiB)", title="memory per request")
     for a in axes:
-        a.legend(fontsize=7)
+        if a.get_legend_handles_labels()[0]:  # a panel without data (no quality run) gets no legend
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
