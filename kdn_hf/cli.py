@@ -220,10 +220,17 @@ def cmd_bench(args) -> int:
               lead_in=lead_in)
     store_name = "+".join(t.name for t in kdn.store.tiers)
     doc_tokens = [int(x) for x in _names(args.doc_tokens)]
-    rows = run_bench(kdn=kdn, methods=methods, k=args.k, doc_tokens=doc_tokens, reps=args.reps,
-                     timing_cases=args.timing_cases, questions=args.questions, tf_tokens=args.tf_tokens,
-                     store_name=store_name, lead_in=args.lead_in, split=args.split, workload=args.workload,
-                     layer_share=args.layer_share, log=lambda m: print(m, file=sys.stderr))
+    common = dict(kdn=kdn, methods=methods, reps=args.reps, timing_cases=args.timing_cases, questions=args.questions,
+                  tf_tokens=args.tf_tokens, store_name=store_name, lead_in=args.lead_in, split=args.split,
+                  layer_share=args.layer_share, log=lambda m: print(m, file=sys.stderr))
+    if args.workload == "long":
+        from kdn_hf.bench.long import run_long
+
+        if len(doc_tokens) != 1:
+            raise SystemExit("kdn bench --workload long: --doc-tokens takes one length (the context grows with --docs)")
+        rows = run_long(docs=[int(x) for x in _names(args.docs)], doc_tokens=doc_tokens[0], **common)
+    else:
+        rows = run_bench(k=args.k, doc_tokens=doc_tokens, workload=args.workload, **common)
     print(format_table(rows))
     config = {k: v for k, v in vars(args).items() if k != "func"}
     if args.json:
@@ -316,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with --codec: the storage/codec bench")
     p.add_argument("--workload", default="rag",
                    help="rag: k documents + system prompt + question; distractor: k generated documents with "
-                        "look-alike facts, the answer in one of them")
+                        "look-alike facts, the answer in one of them; long: the rag prompt with --docs documents "
+                        "of exactly --doc-tokens tokens each, one row set per count")
+    p.add_argument("--docs", default="4,8,16",
+                   help="long workload: documents per prompt, comma list (16 x 512 is cut to fit 8192 positions)")
     p.add_argument("--layer-share", type=float, default=None,
                    help="compare blend selections at equal work: each gets the ratio whose layer%% (recomputed "
                         "layer x context-token rows) is closest to this share, e.g. 0.10 (replaces --ratios)")

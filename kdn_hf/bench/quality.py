@@ -81,6 +81,10 @@ def squad_f1(prediction: str, answers) -> float:
     return max((_f1(prediction, a) for a in answers), default=0.0)
 
 
+#: tokens of each method's own greedy answer (``score``'s ``answer_tokens``)
+ANSWER_TOKENS = 20
+
+
 def _crop(cache, length: int) -> None:
     """Cut ``cache`` back to its first ``length`` tokens (transformers' crop takes a negative count)."""
     extra = cache.get_seq_length() - length
@@ -110,7 +114,7 @@ def greedy(model, cache, suffix: list[int], n: int, stop=frozenset()) -> list[in
 
 @torch.inference_mode()
 def score(model, tokenizer, cache, suffix: list[int], continuation: list[int], answers, ref_logp=None,
-          answer_tokens: int = 20, kl_tokens: int = 8, stop=frozenset()) -> dict:
+          answer_tokens: int = ANSWER_TOKENS, kl_tokens: int = 8, stop=frozenset()) -> dict:
     """Measures of one method's context ``cache`` (cropped back after each use).
 
     suffix: the question ids. continuation: full prefill's greedy tokens after it; only its answer

@@ -3,7 +3,8 @@
 Each result is one row (a plain dict) per (context length, method): timings from
 ``--timing-cases`` requests (median of ``--reps``, store warm), quality from
 ``--questions`` requests against full prefill on the same prompt ids, from the
-QA split ``--split`` (test: reported figures; dev: the tuning split). Rows are
+QA split ``--split`` (test: reported figures; dev: the tuning split), peak memory
+from one more untimed request per method (``kdn_hf.bench.memory``). Rows are
 printed as a table, written to ``--json`` and plotted to ``--plot``; new
 columns (store tier, codec, ...) are new keys of the same dicts. Each row with
 quality also carries ``per_question`` (answer, correct, EM, F1, KLs, top-1 per
@@ -23,8 +24,10 @@ blend selection gets the ratio whose share of recomputed (layer x context
 token) rows, the ``layer%`` column, is closest to the target on the first
 question's context (``at_layer_share``); rows carry the target and the ratio.
 
-Workloads (``WORKLOADS``): ``rag`` (``workload.rag_cases``) and ``distractor``
-(``distractor.distractor_cases``: look-alike facts across the documents).
+Workloads (``WORKLOADS``): ``rag`` (``workload.rag_cases``), ``distractor``
+(``distractor.distractor_cases``: look-alike facts across the documents) and ``long``
+(the rag prompt with documents filled to exactly ``doc_tokens``; ``kdn_hf.bench.long`` runs it
+at several document counts).
 """
 
 from __future__ import annotations
@@ -39,20 +42,21 @@ from pathlib import Path
 import torch
 
 from kdn_hf.bench.distractor import distractor_cases
+from kdn_hf.bench.memory import PeakMemory
 from kdn_hf.bench.quality import _crop, greedy, score, stop_ids
 from kdn_hf.bench.workload import RagCase, rag_cases
 from kdn_hf.errors import ConfigError
 
 METHODS = ("full", "prefix", "reuse", "blend")
-WORKLOADS = ("rag", "distractor")
+WORKLOADS = ("rag", "distractor", "long")
 
 
 def workload_cases(workload: str, tokenizer, k: int, doc_tokens: int, limit: int | None = None,
                    split: str = "dev") -> list[RagCase]:
     """The requests of ``workload`` (see ``WORKLOADS``) for ``k`` documents cut to ``doc_tokens`` tokens,
     from its ``split`` ("dev": tuning, "test": reporting)."""
-    if workload == "rag":
-        return rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=limit, split=split)
+    if workload in ("rag", "long"):
+        return rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=limit, split=split, fill=workload == "long")
     if workload == "distractor":
         return distractor_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=limit, split=split)
     raise ConfigError(f"workload must be one of {WORKLOADS}, got {workload!r}")
@@ -139,6 +143,20 @@ def time_methods(kdn, methods: list[Method], cases: list[RagCase], reps: int) ->
             for label, ts in ttfts.items()}
 
 
+def peak_memory(kdn, methods: list[Method], case: RagCase) -> dict[str, int | None]:
+    """Per method label: peak memory growth (bytes) during one untimed request on ``case`` (store warm,
+    as when timed), or None where it cannot be measured (``kdn_hf.bench.memory``)."""
+    chunks = _chunk_lists(case)
+    out = {}
+    for m in methods:
+        if m.mode == "prefix":
+            _drop_prefix_entries(kdn, chunks[:-1])
+        with PeakMemory(kdn.model.device) as peak:
+            kdn.generate(chunks, max_new_tokens=1, mode=m.mode, recompute_ratio=m.ratio, selection=m.selection)
+        out[m.label] = peak.bytes
+    return out
+
+
 #: per-question measures (score's keys) kept in the rows' ``per_question`` and averaged into columns
 MEASURES = ("kl", "answer_kl", "agree", "nll", "correct", "em", "f1")
 
@@ -222,6 +240,7 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
         times = time_methods(kdn, methods, timed, reps)
         for m in methods:
             log(f"  {m.label:24s} TTFT {times[m.label]['ttft_s'] * 1000:8.1f} ms")
+        memory = peak_memory(kdn, methods, timed[0])
         qcases = workload_cases(workload, kdn.tokenizer, k, n_tok, limit=questions, split=split) if questions else []
         qual = quality(kdn, methods, qcases, tf_tokens, log=log) if qcases else {}
         base = times["full"]["ttft_s"] if "full" in times else None
@@ -233,7 +252,8 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
                    "selection": m.selection if m.mode == "blend" else None,
                    "ttft_ms": t["ttft_s"] * 1000, "speedup": (base / t["ttft_s"]) if base else None,
                    "tokens_recomputed": t["tokens_recomputed"], "recompute_share": t["recompute_share"],
-                   "bytes_loaded": t["bytes_loaded"], "layer_share_target": layer_share}
+                   "bytes_loaded": t["bytes_loaded"], "peak_mem_bytes": memory[m.label],
+                   "layer_share_target": layer_share}
             q = qual.get(m.label) or (qual.get("full") if m.mode == "prefix" else None) or {}
             row.update({key: q.get(key) for key in QUALITY_KEYS})
             rows.append(row)
@@ -246,12 +266,12 @@ QUALITY_KEYS = ("kl_mean", "kl_median", "answer_kl_mean", "top1_agree", "answer_
 
 COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
            ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7),
-           ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8),
+           ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8), ("peak_mem_bytes", "{:.0f}", 8),
            ("kl_mean", "{:.4f}", 8), ("answer_kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7),
            ("answer_nll", "{:.3f}", 7), ("accuracy", "{:.1%}", 7), ("em", "{:.1%}", 6), ("f1", "{:.1%}", 6)]
 HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp", "recompute_share": "layer%",
-           "bytes_loaded": "MiB_load", "kl_mean": "KL", "answer_kl_mean": "ansKL", "top1_agree": "top1",
-           "answer_nll": "ans_NLL", "accuracy": "acc", "em": "EM", "f1": "F1"}
+           "bytes_loaded": "MiB_load", "peak_mem_bytes": "MiB_peak", "kl_mean": "KL", "answer_kl_mean": "ansKL",
+           "top1_agree": "top1", "answer_nll": "ans_NLL", "accuracy": "acc", "em": "EM", "f1": "F1"}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -260,7 +280,7 @@ def format_table(rows: list[dict]) -> str:
         cells = []
         for c, fmt, w in COLUMNS:
             v = r.get(c)
-            if c == "bytes_loaded" and v is not None:
+            if c in ("bytes_loaded", "peak_mem_bytes") and v is not None:
                 v = v / 2**20
             cells.append(f"{('-' if v is None else fmt.format(v)):>{w}}")
         lines.append("  ".join(cells))
@@ -281,24 +301,31 @@ def flips_summary(rows: list[dict], show: int = 4) -> list[str]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """TTFT and first-token KL by method and context length (PNG)."""
+    """TTFT, first-token KL and (where measured) peak memory by method and context length (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r["method"] for r in rows))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    memory = any(r.get("peak_mem_bytes") is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if memory else 2, figsize=(16 if memory else 11, 4))
+    a1, a2 = axes[0], axes[1]
     for label in labels:
         rs = sorted((r for r in rows if r["method"] == label), key=lambda r: r["context_tokens"])
         x = [r["context_tokens"] for r in rs]
         a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label)
         if all(r.get("kl_mean") is not None for r in rs):
             a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label)
+        if memory and all(r.get("peak_mem_bytes") is not None for r in rs):
+            axes[2].plot(x, [r["peak_mem_bytes"] / 2**20 for r in rs], "o-", label=label)
     a1.set(xlabel="context tokens", ylabel="TTFT (ms, median)", title="time to first token")
     a2.set(xlabel="context tokens", ylabel="first-token KL vs full (nats)", title="quality", yscale="log")
-    a1.legend(fontsize=7)
-    a2.legend(fontsize=7)
+    if memory:
+        axes[2].set(xlabel="context tokens", ylabel="peak memory growth (MiB)", title="memory per request")
+    for a in axes:
+        if a.get_legend_handles_labels()[0]:  # a panel without data (no quality run) gets no legend
+            a.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -130,7 +130,7 @@ def interleave(cases: list[RagCase]) -> list[RagCase]:
 
 
 def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = None,
-              kinds: tuple[str, ...] | None = None, split: str = "dev") -> list[RagCase]:
+              kinds: tuple[str, ...] | None = None, split: str = "dev", fill: bool = False) -> list[RagCase]:
     """The rag requests of QA set ``split`` for ``k`` documents cut to at most ``doc_tokens`` tokens each.
 
     Questions whose answer falls past the cut of every gold document, or with more gold documents than
@@ -138,16 +138,32 @@ def rag_cases(tokenizer, k: int = 4, doc_tokens: int = 512, limit: int | None = 
     ones after interleaving kinds (planted, squad, planted, ...), so a small limit still mixes them.
     The default split is dev, the tuning split (scripts that choose settings use it); ``kdn bench``
     reports on test.
+
+    fill: bring each document to exactly ``doc_tokens`` tokens by appending the next documents of its
+    article, then of the set (``\n\n`` between them), so that a prompt holds ``k * doc_tokens`` document
+    tokens (the long-context workload); the answer must still sit in the gold document's own text.
+    Else documents shorter than the cut stay as they are.
     """
     data = qa_set(split)
     docs = data["documents"]
     by_id = {d["id"]: i for i, d in enumerate(docs)}
     enc = lambda s: tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
     sep = enc("\n\n")
+    texts = {d["id"]: enc(d["text"]) for d in docs}
     cut = {}
-    for d in docs:
-        ids = enc(d["text"])[:doc_tokens]
-        cut[d["id"]] = (ids + sep, tokenizer.decode(ids))
+    for i, d in enumerate(docs):
+        ids = texts[d["id"]][:doc_tokens]
+        own = tokenizer.decode(ids)
+        if fill:
+            article = d["id"].split("-")[0]
+            rest = docs[i + 1:] + docs[:i]
+            after = [e["id"] for e in rest if e["id"].split("-")[0] == article]
+            after += [e["id"] for e in rest if e["id"].split("-")[0] != article]
+            for nxt in after:
+                if len(ids) >= doc_tokens:
+                    break
+                ids = (ids + sep + texts[nxt])[:doc_tokens]
+        cut[d["id"]] = (ids + sep, own)
     system_text, question_format = chat_format(tokenizer)
     system = enc(system_text)
     cases = []
