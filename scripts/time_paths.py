@@ -2,7 +2,8 @@
 cold reuse/blend (empty store), against full prefill, on the bench's rag prompts.
 
     python scripts/time_paths.py [--cases 2] [--reps 3] [--threads N]
-                                 [--methods full,prefix,prefix-old,reuse-cold,reuse-cold-old,blend-cold]
+                                 [--methods full,prefix,prefix-old,reuse-cold,reuse-cold-old,blend-cold,
+                                            blend-cold-compute] [--split test]
 
 Methods take turns within each repetition (a change in machine load hits all of them); the figures are
 medians over cases x reps of the TTFT (wall clock, ``stats.ttft_s``) and of the CPU time the process
@@ -11,7 +12,9 @@ the CPU time is the steadier measure of the work. Cold methods get a fresh memor
 prefix gets a store warm for the opener and the system prompt only (as ``kdn bench``). ``-old`` runs
 the code before the change for comparison in the same run: ``prefix-old`` the suffix through the
 model's masked forward, a stacked copy and no reserved room; ``reuse-cold-old`` / ``blend-cold-old``
-the missing chunks computed one by one.
+the missing chunks computed one by one. ``blend-cold`` is the default ``KDN(cold_blend="full")``
+(answered by full prefill, chunks computed after the answer); ``blend-cold-compute`` is
+``cold_blend="blend"`` (chunks computed in batched forwards, then blended).
 """
 
 from __future__ import annotations
@@ -94,13 +97,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--doc-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--methods", default="full,prefix,prefix-old,reuse-cold,reuse-cold-old,blend-cold")
+    ap.add_argument("--methods",
+                    default="full,prefix,prefix-old,reuse-cold,reuse-cold-old,blend-cold,blend-cold-compute")
+    ap.add_argument("--split", default="test", choices=["dev", "test"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     StoreBack.flush = _timed_flush
     base = KDN.from_pretrained(args.model, store="memory://")
-    cases = rag_cases(base.tokenizer, k=args.k, doc_tokens=args.doc_tokens)[:args.cases]
+    cases = rag_cases(base.tokenizer, k=args.k, doc_tokens=args.doc_tokens, split=args.split)[:args.cases]
     methods = args.methods.split(",")
     wall: dict[str, list[float]] = {m: [] for m in methods}
     cpu: dict[str, list[float]] = {m: [] for m in methods}
@@ -110,7 +115,8 @@ def main() -> None:
         for _ in range(args.reps):
             for m in methods:
                 mode = m.split("-")[0]
-                kdn = KDN(base.model, base.tokenizer, "memory://")  # empty store
+                cold = "blend" if m.endswith("-compute") else "full"
+                kdn = KDN(base.model, base.tokenizer, "memory://", cold_blend=cold)  # empty store
                 if mode == "prefix":
                     kdn.generate(chunks[:1] + ["x"], max_new_tokens=1, mode="prefix")  # system prompt only
                 with _before() if m.endswith("-old") else contextmanager(lambda: (yield))():

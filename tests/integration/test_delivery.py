@@ -135,7 +135,9 @@ def test_entry_failing_mid_compose_answers_like_a_miss(stored, docs, kw, bad_lay
     monkeypatch.setattr(OpenEntry, "layers", failing)
     got = _prepare(kdn, chunks, True, miss, **kw)
     assert seen, "the injected failure did not fire"
-    assert torch.equal(_kv(got).view(torch.int32), _kv(want).view(torch.int32))
+    # the reference computed its two misses in one batched forward, the failed entry is recomputed alone:
+    # the same values up to float rounding (bit-identical before misses were batched)
+    assert (_kv(got) - _kv(want)).abs().max().item() < 1e-4
     assert _stats(got) == _stats(want)
     assert kdn.store.contains(victim)  # removed as corrupt, then stored back recomputed
     assert kdn.store.stats()["disk"].corrupt == 1
