@@ -67,11 +67,15 @@ def test_the_runner_reads_gemma(gemma):
 
 def test_default_generate_runs_past_the_window(gkdn, gemma, handbook):
     model, tok = gemma
-    res = gkdn.generate(handbook + [QUESTION], max_new_tokens=8)  # blend, the default
-    assert len(res.prompt_ids) > 700 and res.stats.first_token == "blend"
-    assert 1 <= len(res.token_ids) <= 8 and res.stats.tokens_recomputed > 0
-    again = gkdn.generate(handbook + [QUESTION], max_new_tokens=8)  # every chunk a hit now
-    assert again.token_ids == res.token_ids and again.stats.misses == 0
+    cold = gkdn.generate(handbook + [QUESTION], max_new_tokens=8)  # blend, the default; nothing stored yet
+    assert len(cold.prompt_ids) > 700 and cold.stats.cold_full  # answered by full prefill
+    full = gkdn.generate(handbook + [QUESTION], max_new_tokens=8, mode="full")
+    assert cold.token_ids == full.token_ids and cold.stats.misses > 0
+    res = gkdn.generate(handbook + [QUESTION], max_new_tokens=8)  # every chunk a hit now: blended
+    assert res.stats.first_token == "blend" and res.stats.tokens_recomputed > 0
+    assert res.stats.misses == 0 and res.stats.hit_count == cold.stats.misses and res.token_ids
+    again = gkdn.generate(handbook + [QUESTION], max_new_tokens=8)
+    assert again.token_ids == res.token_ids
 
 
 def test_ratio_one_blend_is_full_prefill(gkdn, gemma, handbook):
