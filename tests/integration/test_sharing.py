@@ -136,6 +136,8 @@ def test_chunks_computed_before_a_failure_still_reach_the_store(kdn, docs, monke
     def broken(self, kv, wait_layer):
         raise RuntimeError("injected blend failure")
 
+    # compute-then-blend on an empty store (the default would answer a cold blend by full prefill)
+    kdn = KDN(kdn.model, kdn.tokenizer, store=kdn.store, cold_blend="blend")
     monkeypatch.setattr(Blend, "__call__", broken)
     with pytest.raises(RuntimeError, match="injected"):
         kdn.generate(chunks, max_new_tokens=2)
