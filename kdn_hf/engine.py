@@ -236,7 +236,8 @@ class KDN:
 
         Extra keyword arguments go to ``model.generate`` (greedy by default). In ``blend`` mode with
         plain greedy decoding (no extra arguments), the question is computed inside the blend and the
-        first token is taken from its last row (``stats.first_token == "blend"``); stock generate then
+        first token is taken from its last row (``stats.first_token == "blend"``); ``prefix`` likewise
+        prefills the whole question and takes it from its last row (``"prefix"``). Stock generate then
         continues from it. Otherwise stock generate feeds the question's last token and picks every token.
         """
         ratio = _check_mode(mode, recompute_ratio, selection)

@@ -1,7 +1,8 @@
-"""Stage 5, first token: when the blend's last row may pick the first generated token, and its logits.
+"""Stage 5, first token: when the prepared last row may pick the first generated token, and its logits.
 
 In ``blend`` mode the question is computed with the context, so the blend's
-last row is the model's last hidden state for the prompt. With plain greedy
+last row is the model's last hidden state for the prompt; ``prefix`` mode then
+prefills the whole question after the cached prefix, its last row included. With plain greedy
 decoding its argmax is the token stock ``generate`` would pick first, and
 ``generate`` then starts from the second token. Any setting that could change
 that pick (sampling, beams, penalties, forced tokens, ...) sends generation
@@ -29,12 +30,14 @@ FIRST_TOKEN_SETTINGS = (
 )
 
 
-def blend_picks_first_token(model, mode: str, user_kwargs: dict) -> bool:
-    """Whether generate may take its first token from the blend's last row: plain greedy decoding
+def prepare_picks_first_token(model, mode: str, user_kwargs: dict) -> bool:
+    """Whether generate may take its first token from the last row the request's preparation computed
+    (the blend's, or the prefix prefill's, which then computes the whole question): plain greedy decoding
     (no user generation arguments, default settings) on a model whose logits the layer runner
     computes exactly (``LayerRunner.logits_exact``). Otherwise stock generate computes the question's
     last token and picks the token."""
-    if mode != "blend" or user_kwargs or not layer_runner(model).logits_exact:
+    runner = layer_runner(model)
+    if mode not in ("blend", "prefix") or user_kwargs or not runner.logits_exact or runner.blend_error is not None:
         return False
     cfg, default = model.generation_config, GenerationConfig()
     if getattr(cfg, "do_sample", False):

@@ -5,11 +5,12 @@
 The last chunk is the question. In every mode but ``full`` the context's KV
 comes from :func:`kdn_hf.pipeline.prepare_prompt`; in ``blend`` the question is
 computed with the context, and under plain greedy decoding the blend's last row
-picks the first token (``kdn_hf.first_token``). Chunks the request computed are
-stored after the answer is out (``kdn_hf.store_back``): off the TTFT path, and
-also when generation fails.
+picks the first token (``kdn_hf.first_token``); ``prefix`` then prefills the
+whole question after its cached prefix and its last row picks it the same way.
+Chunks the request computed are stored after the answer is out
+(``kdn_hf.store_back``): off the TTFT path, and also when generation fails.
 
-TTFT runs from the call to the first generated token: the blend's pick, or the
+TTFT runs from the call to the first generated token: the prepared row's pick, or the
 first token stock ``generate`` streams.
 
 A cold blend (``KDN(cold_blend="full")``, the default): when none of the
@@ -28,7 +29,7 @@ from typing import Sequence
 import torch
 
 from kdn_hf.compat import cache_kwarg
-from kdn_hf.first_token import FirstTokenClock, blend_picks_first_token, eos_ids
+from kdn_hf.first_token import FirstTokenClock, prepare_picks_first_token, eos_ids
 from kdn_hf.pipeline import Request, compute_units, prepare_prompt
 from kdn_hf.plan import plan_chunks
 from kdn_hf.prompt import Prompt, build_prompt
@@ -42,7 +43,7 @@ def answer(kdn, chunks: Sequence, *, max_new_tokens: int, mode: str, ratio: floa
     t0 = time.perf_counter()
     prompt = build_prompt(kdn.tokenizer, chunks, max_positions=kdn.max_positions, reserve=max_new_tokens)
     ids = prompt.prompt_ids
-    first_token = blend_picks_first_token(kdn.model, mode, generate_kwargs)
+    first_token = prepare_picks_first_token(kdn.model, mode, generate_kwargs)
     with StoreBack(kdn.store, kdn.policy.fingerprint, kdn.codec) as store_back:  # flushed after the answer
         cold = _cold_units(kdn, prompt) if mode == "blend" and kdn.cold_blend == "full" else None
         if mode == "full" or cold:
@@ -92,10 +93,11 @@ def _decode(kdn, ids: list[int], cache, max_new_tokens: int, generate_kwargs: di
     new: list[int] = []
     first_at = None
     if cache is not None and cache.next_logits is not None:
-        # the blend computed the whole question: its last row's logits give the first token
+        # the blend (or the prefix prefill) computed the whole question: its last row's logits give the
+        # first token
         new.append(int(cache.next_logits.argmax()))
         first_at = time.perf_counter()
-        stats.first_token = "blend"
+        stats.first_token = stats.mode
         if max_new_tokens == 1 or new[0] in eos_ids(kdn.model):
             kwargs = None  # done: generate would feed nothing new
         else:

@@ -8,7 +8,8 @@ Stages (one module each):
 2. resolve   (``kdn_hf.resolve``)     units → a verified store hit or a computed chunk per distinct key.
 3. compose   (``kdn_hf.compose``)     sources → one buffer, K re-rotated, layer by layer in the background.
 4. blend     (``kdn_hf.blend.stage``) selection + recompute, reading layers as they are composed.
-5. first token (``kdn_hf.first_token``) the blend's last row picks it under plain greedy decoding.
+5. first token (``kdn_hf.first_token``) the blend's (or the prefix prefill's) last row picks it under
+                                      plain greedy decoding.
 6. store-back (``kdn_hf.store_back``) the request's computed chunks, written after its answer.
 
 Statistics are derived from the stages' results at the end (``kdn_hf.ledger``).
@@ -121,13 +122,16 @@ def _prefix(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
 
     One buffer holds it all: the entries are written into its first slots, the rest is prefilled into
     the slots after them (``kdn_hf.suffix``: bottom-right causal, in place), with ``keep_query`` the
-    question but its last token too, and ``reserve`` slots are left for what generate appends. The
+    question but its last token too (all of it with ``first_token``: its last row's logits then go to
+    ``cache.next_logits``), and ``reserve`` slots are left for what generate appends. The
     computed prefix entries are views of the buffer, copied by the store-back after the answer.
     """
     units = plan_prefix(kdn.policy, prompt)
     hits = resolve_prefix(units, lambda key: kdn.store.get(key, kdn.policy.fingerprint), kdn.geometry,
                           kdn.store.note_corrupt)
-    query = list(req.query[:-1]) if req.keep_query else []  # generate feeds the question's last token
+    first = req.first_token and req.keep_query and bool(req.query)
+    # generate feeds the question's last token, unless the prefill picks the first token itself
+    query = (list(req.query) if first else list(req.query[:-1])) if req.keep_query else []
     ids = list(prompt.prompt_ids) + query
     n, geo = len(ids), kdn.geometry
     stats = prepare_stats("prefix", len(prompt.chunk_ids), len(prompt))
@@ -139,7 +143,7 @@ def _prefix(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
         buf[:, :, :, s.unit.start:s.unit.end] = s.layers(0, geo.num_layers)
     sources: dict[str, Source] = {s.unit.key: s for s in hits}
     hit_len = units[len(hits) - 1].end if hits else 0
-    prefill_into(kdn.model, buf, hit_len, torch.tensor(ids[hit_len:], dtype=torch.long))
+    last = prefill_into(kdn.model, buf, hit_len, torch.tensor(ids[hit_len:], dtype=torch.long), last_hidden=first)
     for unit in units[len(hits):]:
         # a view of the buffer: generate writes only the slots after the prompt, the store-back copies it
         chunk = ChunkKV(buf[:, :, :, unit.start:unit.end], torch.arange(unit.start, unit.end),
@@ -149,7 +153,9 @@ def _prefix(kdn, prompt: Prompt, req: Request) -> tuple[KDNCache, PrepareStats]:
     count_sources(stats, units, sources)
     stats.tokens_computed += len(query)
     token_ids = torch.tensor(ids, dtype=torch.long)
-    return KDNCache(buf[:, :, :, :n], torch.arange(n), token_ids, capacity=buf), stats
+    cache = KDNCache(buf[:, :, :, :n], torch.arange(n), token_ids, capacity=buf)
+    cache.next_logits = None if last is None else next_token_logits(kdn.model, last)
+    return cache, stats
 
 
 def _blend_variant(ratio: float, name: str, selection) -> str:

@@ -45,8 +45,9 @@ class PrepareStats:
 class GenerateStats(PrepareStats):
     """PrepareStats plus the request's timings. ttft_s runs from the call to the
     first generated token (store lookups, compose and prefill included).
-    first_token: what picked the first token: ``"generate"`` (stock generate) or ``"blend"``
-    (greedy argmax of the blend's last row, which computed the whole question).
+    first_token: what picked the first token: ``"generate"`` (stock generate), ``"blend"`` (greedy
+    argmax of the blend's last row, which computed the whole question) or ``"prefix"`` (the same from
+    the prefix prefill's last row).
     cold_full: a blend request none of whose chunks was stored, answered by full prefill (exact); its
     chunks (``misses``) were computed and stored after the answer (``KDN(cold_blend="full")``)."""
 

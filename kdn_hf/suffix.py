@@ -42,40 +42,54 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: fl
 
 
 @torch.inference_mode()
-def prefill_into(model, buf: torch.Tensor, start: int, ids: torch.Tensor) -> None:
+def prefill_into(model, buf: torch.Tensor, start: int, ids: torch.Tensor,
+                 last_hidden: bool = False) -> torch.Tensor | None:
     """Compute the KV of ``ids`` at positions ``start..start+n-1``, after the KV in ``buf``'s first
     ``start`` slots, and write it into slots ``start..start+n-1`` of ``buf``.
 
     buf: [layers, 2, kv_heads, slots, head_dim], the model's dtype and device; slots 0..start-1 hold
          the KV of the tokens before (at positions 0..start-1), and slots >= start + n are untouched.
     ids: [n] int64.
+    last_hidden: also return the last layer's output [hidden] for the last of ``ids`` (its next-token
+         logits are ``LayerRunner.logits`` of it); needs a model the runner runs
+         (``layer_runner(model).blend_error is None``), else a ValueError. Otherwise returns None.
     """
     n = ids.numel()
     end = start + n
     if end > buf.shape[3]:
         raise ValueError(f"buf has {buf.shape[3]} slots, {start} cached + {n} new tokens do not fit")
     if n == 0:
-        return
+        if last_hidden:
+            raise ValueError("last_hidden needs at least one new token")
+        return None
     runner = layer_runner(model)
     runner.check()  # once per model (KDN construction has usually run it)
     if runner.blend_error is not None:  # not a model the runner runs exactly: its own forward
+        if last_hidden:
+            raise ValueError(f"last_hidden needs a model the layer runner runs: {runner.blend_error}")
         cache = KDNCache(buf[:, :, :, :start], torch.arange(start), torch.zeros(start, dtype=torch.long),
                          capacity=buf)
         prefill(model, ids, torch.arange(start, end), cache=cache)
-        return
+        return None
     device = buf.device
     rows = torch.arange(start, end, device=device)
     hidden = runner.embed(ids.to(device))  # [1, n, hidden]
     tables = runner.position_tables(hidden, rows)  # {rope_key: (cos, sin) [1, n, head_dim]}
     cache = ScatterCache(buf[:, :, :, :end])
     cache.measure = False
+    cache.first_row = start  # the rows are contiguous: their K/V go in by slice
     suffix = _Suffix(rows)
     masks: dict = {}
     last = len(runner.layers) - 1
     for i, (layer, plan) in enumerate(zip(runner.layers, runner.plans)):
         pos_emb = tables[plan.rope_key]
         if plan.grouped:
+            h_in = hidden
             hidden = _grouped_layer(layer, hidden, suffix, pos_emb, cache, kv_only=i == last, attend=_attend)
+            if i == last and last_hidden:  # the whole layer for the last row only (its K/V rewritten, the same)
+                one = (pos_emb[0][:, -1:], pos_emb[1][:, -1:])
+                cache.first_row = end - 1
+                hidden = _grouped_layer(layer, h_in[:, -1:], _Suffix(rows[-1:]), one, cache, attend=_attend)
             continue
         if plan.window not in masks:
             masks[plan.window] = causal_mask(rows, end, hidden.dtype, device, plan.window)
@@ -83,3 +97,4 @@ def prefill_into(model, buf: torch.Tensor, start: int, ids: torch.Tensor) -> Non
         out = layer(hidden, attention_mask=masks[plan.window], position_ids=rows[None], position_embeddings=pos_emb,
                     use_cache=True, **{runner.kv_name: cache})
         hidden = out[0] if isinstance(out, tuple) else out
+    return hidden[0, -1] if last_hidden else None

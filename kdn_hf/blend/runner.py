@@ -70,6 +70,7 @@ class ScatterCache:
     def __init__(self, kv: torch.Tensor) -> None:
         self.kv = kv
         self.rows: torch.Tensor | None = None  # [n] slots of the rows being run
+        self.first_row: int | None = None  # rows are first_row..first_row+n-1 (a slice copy), if set
         self.probe = False
         self.measure = True  # compute dev_k/dev_v on update
         self.dev_k: torch.Tensor | None = None  # [n] float32, set by each update
@@ -83,8 +84,13 @@ class ScatterCache:
             old_k, old_v = k_all[:, self.rows].float(), v_all[:, self.rows].float()
             self.dev_k = (k_new.float() - old_k).pow(2).sum(dim=(0, 2))
             self.dev_v = (v_new.float() - old_v).pow(2).sum(dim=(0, 2))
-        k_all.index_copy_(1, self.rows, k_new)
-        v_all.index_copy_(1, self.rows, v_new)
+        if self.first_row is not None:
+            a, b = self.first_row, self.first_row + k_new.shape[1]
+            k_all[:, a:b].copy_(k_new)
+            v_all[:, a:b].copy_(v_new)
+        else:
+            k_all.index_copy_(1, self.rows, k_new)
+            v_all.index_copy_(1, self.rows, v_new)
         if self.probe:
             raise _Probed
         return k_all[None], v_all[None]

@@ -33,6 +33,10 @@ def test_prefix_suffix_over_cached_kv_equals_full_prefill(kdn, smol, docs):
     res = kdn.generate(chunks, max_new_tokens=8, mode="prefix")
     assert len(res.prompt_ids) > 300  # the older prefix tests run ~120
     assert res.token_ids == full.token_ids
+    # plain greedy: the prefill computed the whole question and its last row picked the first token
+    assert res.stats.first_token == "prefix" and full.stats.first_token == "generate"
+    stock = kdn.generate(chunks, max_new_tokens=8, mode="prefix", repetition_penalty=1.0)
+    assert stock.stats.first_token == "generate" and stock.token_ids == full.token_ids
     q_len = len(tok(QUESTION, add_special_tokens=False)["input_ids"])
     assert res.stats.hit_count == 1 + (1 if kdn.opener else 0) and res.stats.misses == 8
     assert res.stats.tokens_computed == len(res.prompt_ids) - res.stats.tokens_reused
@@ -59,6 +63,30 @@ def test_prefix_suffix_over_cached_kv_equals_full_prefill(kdn, smol, docs):
         layer = c.layers[3]
         assert layer._spare is not None and layer.keys.data_ptr() == layer._spare[0].data_ptr()
         assert c.get_seq_length() == len(ids) + 1
+
+
+def test_prefill_into_last_hidden_gives_full_prefills_next_token_logits(smol, docs):
+    """The last row's hidden state after the suffix prefill (the whole layer run for it alone at the last
+    layer) gives the model's own next-token logits, over a cached prefix and from an empty buffer."""
+    from kdn_hf.blend.runner import layer_runner
+    from kdn_hf.suffix import prefill_into
+
+    model, tok = smol
+    ids = torch.tensor(tok(docs[0] + " " + docs[1], add_special_tokens=False)["input_ids"])
+    n = len(ids)
+    ref, ref_logits = prefill(model, ids, torch.arange(n))
+    want = stack_cache(ref)
+    for start in (0, 37):
+        buf = torch.zeros(want.shape[0], 2, want.shape[2], n + 3, want.shape[4])
+        buf[:, :, :, :start] = want[:, :, :, :start]
+        last = prefill_into(model, buf, start, ids[start:], last_hidden=True)
+        assert last.shape == (model.config.hidden_size,)
+        assert (layer_runner(model).logits(last) - ref_logits).abs().max().item() < 1e-3
+        assert (buf[:, :, :, :n] - want).abs().max().item() < 1e-4
+        assert buf[:, :, :, n:].abs().max().item() == 0  # the reserved slots are untouched
+    assert prefill_into(model, torch.zeros_like(buf), 0, ids) is None
+    with pytest.raises(ValueError, match="at least one"):
+        prefill_into(model, buf, n, ids[:0], last_hidden=True)
 
 
 def test_batches_group_lengths_that_pad_little():
