@@ -135,7 +135,7 @@ class _Rows:
         self._window_masks: dict = {}
         self._dtype = dtype
         self._groups = False  # not built yet
-        self._masks: dict[int, list] = {}
+        self._masks: dict = {}
 
     def pos_emb_for(self, key):
         """(cos, sin) [1, rows, head_dim] of the rows in table ``key``."""
@@ -165,6 +165,21 @@ class _Rows:
                 bounds = [(j * n // k, (j + 1) * n // k) for j in range(k)]
                 self._groups = [(a, b, int(rows[b - 1]) + 1) for a, b in bounds]
         return self._groups
+
+    def split_groups_for(self, fold: int):
+        """``groups`` as ``(start, end, first, keys, mask)``: the keys before ``first`` (the group's first
+        row's position) are seen by every row of the group, the keys ``first..keys-1`` causally, by
+        ``mask`` [1, 1, fold * rows, keys - first] (query heads folded into the rows ``fold`` at a
+        time); built once per ``fold``."""
+        key = ("split", fold)
+        if key not in self._masks:
+            out = []
+            for a, b, m in self.groups:
+                first = int(self.rows[a])
+                mask = causal_mask(self.rows[a:b] - first, m - first, self._dtype, self.rows.device)
+                out.append((a, b, first, m, mask.repeat(1, 1, fold, 1)))
+            self._masks[key] = out
+        return self._masks[key]
 
     def groups_for(self, fold: int):
         """``groups`` with each group's mask [1, 1, fold * rows, keys] for query heads folded into

@@ -91,3 +91,31 @@ def test_selected_attention_call_equals_the_grouped_sdpa_loop(group_rows, monkey
         assert calls
     assert loop.shape == kernel_path.shape == (1, rows.numel(), q.shape[1] * attn.head_dim)
     assert (loop - kernel_path).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("group_rows", [3, 10_000])
+def test_split_cpu_attention_equals_one_masked_call_per_group(group_rows, monkeypatch):
+    """The CPU path splits each group's keys at its first row (unmasked before it, causal from it) and
+    merges the two flash calls by log-sum-exp: the same as attending each group's keys with one causal
+    mask, including a group whose first row is slot 0 (nothing before it) and GQA folding."""
+    import kdn_hf.blend.runner as runner_mod
+
+    assert runner_mod._FLASH_CPU is not None  # the CPU flash op of the pinned torch returns the log-sum-exp
+    monkeypatch.setattr(rc, "GROUP_ROWS", group_rows)
+    g = torch.Generator().manual_seed(3)
+    T, heads, kv_heads, d = 200, 6, 2, 16
+    rows = torch.cat([torch.tensor([0]), torch.randperm(T - 1, generator=g)[:40] + 1]).sort().values
+    q = torch.randn(1, heads, rows.numel(), d, generator=g)
+    keys, values = torch.randn(2, 1, kv_heads, T, d, generator=g) * 3
+    rs = rc._Rows(rows, T, (torch.zeros(1, T, d), torch.zeros(1, T, d)), torch.float32, own_causal=True)
+    split = runner_mod._split_grouped_attention(q, keys, values, rs, 0.3)
+    # the reference: every row over every key, one causal mask, GQA by repeating K/V
+    mask = rc.causal_mask(rows, T, torch.float32, "cpu")
+    rep = heads // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1), attn_mask=mask, scale=0.3)
+    assert split.shape == (1, rows.numel(), heads * d)
+    assert (split - ref.transpose(1, 2).reshape(1, rows.numel(), -1)).abs().max().item() <= 1e-5
+    assert rs.split_groups_for(rep)[0][2] == 0  # the first group starts at slot 0: no unmasked part
+    monkeypatch.setattr(runner_mod, "_FLASH_CPU", None)  # without the op: the masked loop, same result
+    assert (runner_mod.grouped_attention(q, keys, values, rs, 0.3) - split).abs().max().item() <= 1e-5
