@@ -39,10 +39,11 @@ from kdn_hf.blend import DEFAULT_SELECTION, get_selection
 from kdn_hf.blend.runner import layer_runner
 from kdn_hf.cache import KDNCache
 from kdn_hf.codec import check_codec
+from kdn_hf.compute import batches
 from kdn_hf.errors import ConfigError, ContextTooLongError, InputError
 from kdn_hf.fingerprint import model_fingerprint
 from kdn_hf.generation import answer
-from kdn_hf.pipeline import Request, compute_unit, prepare_prompt
+from kdn_hf.pipeline import Request, compute_units, prepare_prompt
 from kdn_hf.plan import KeyPolicy, Unit, plan_chunks, plan_prefix
 from kdn_hf.prompt import build_prompt, opener_ids, tokenize_chunk
 from kdn_hf.resolve import Geometry
@@ -178,7 +179,8 @@ class KDN:
     def ingest(self, texts: Iterable, *, progress: bool | None = None) -> list[str]:
         """Compute and store each text's KV as one chunk; returns the keys, in order.
 
-        Texts already stored are not computed again. A text longer than the
+        Texts already stored are not computed again (nor a text given twice); the others are computed
+        in batched forwards where their lengths allow, each stored as soon as its batch is done. A text longer than the
         model's context raises ContextTooLongError before anything is computed.
         """
         if isinstance(texts, (str, bytes)):
@@ -196,9 +198,15 @@ class KDN:
             units.insert(0, Unit(p.opener, (), p.opener_key(), 0, True))
         show = progress if progress is not None else len(ids_list) > 1
         writes = StoreBack(self.store, p.fingerprint, self.codec, deferred=False)
-        for unit in tqdm(units, desc="ingest", unit="chunk", disable=not show):
-            if not self.store.contains(unit.key):
-                writes.put(unit.key, compute_unit(self.model, unit))
+        # each distinct missing text once, in batched forwards where lengths allow (kdn_hf.compute.batches)
+        missing = list({u.key: u for u in units if not self.store.contains(u.key)}.values())
+        with tqdm(total=len(units), desc="ingest", unit="chunk", disable=not show) as bar:
+            bar.update(len(units) - len(missing))
+            for batch in batches([len(u.context) + len(u.ids) for u in missing]):
+                group = [missing[i] for i in batch]
+                for unit, kv in zip(group, compute_units(self.model, group)):
+                    writes.put(unit.key, kv)
+                bar.update(len(group))
         return [u.key for u in units[1:]] if p.opener else [u.key for u in units]
 
     # --------------------------------------------------------------- prepare

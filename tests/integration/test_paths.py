@@ -135,6 +135,31 @@ def test_cold_reuse_computes_missing_chunks_in_batched_forwards(kdn, smol, docs)
         assert (_kv(cache)[:, :, :, s:e] - want).abs().max().item() < 1e-4
 
 
+def test_ingest_computes_missing_texts_in_batched_forwards(smol, docs):
+    """``ingest`` batches missing texts of similar length, computes a text given twice once, skips what
+    is stored, and stores each chunk's own KV (as computed alone, after the opener)."""
+    model, tok = smol
+    kdn = KDN(model, tok, store="memory://")
+    ids0 = tok(docs[0], add_special_tokens=False)["input_ids"]
+    texts = [ids0, ids0[::-1], ids0, ids0[1:] + ids0[:1], ids0[:9]]  # one given twice, one far shorter
+    kdn.ingest(texts[3:4], progress=False)  # stored before: not computed again
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kwargs: forwards.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        keys = kdn.ingest(texts, progress=False)
+    finally:
+        hook.remove()
+    assert keys[0] == keys[2] and len(set(keys)) == 4
+    assert sorted(shape[0] for shape in forwards) == [1, 2]  # the two new texts of equal length together
+    ctx = torch.tensor(kdn.opener) if kdn.opener else None
+    for key, ids in zip(keys, texts):
+        entry, _ = kdn.store.get(key, kdn.policy.fingerprint)
+        ref = compute_chunk_kv(model, torch.tensor(ids), context=ctx)
+        assert entry.token_ids.tolist() == ids
+        assert (entry.kv - ref.kv).abs().max().item() < 1e-4
+
+
 class _SlowLayer0:
     """Sleeps ``sleep`` s in every pass through decoder layer 0 (its Q projection: the HF forward, the
     layer runner and the blend all call it) and records each pass's (start, end) times."""
