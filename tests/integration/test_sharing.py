@@ -84,6 +84,39 @@ def test_threads_share_one_kdn_answers_stats_and_store_writes(smol, docs, tmp_pa
         assert not missing, f"request {i} ({mode}) computed {len(missing)} chunks that never reached the store"
 
 
+def test_cold_blends_in_threads_answer_by_full_prefill_and_store_their_chunks(smol, docs, tmp_path):
+    """4 cold blend requests (none of their documents stored) run at once on one KDN: each is answered
+    by full prefill (the same tokens as full prefill alone), its chunks reach the store after its
+    answer, and the next request for those documents blends from the store."""
+    model, tok = smol
+    requests = [[d + "\n\n", d[::-1][:40] + "\n\n", QUESTIONS[i % 2]] for i, d in enumerate(docs[:4])]
+    want = [KDN(model, tok, store="memory://").generate(c, max_new_tokens=4, mode="full").token_ids
+            for c in requests]
+    shared = KDN(model, tok, store=tmp_path / "shared")
+    results: list = [None] * len(requests)
+    errors: list = []
+
+    def serve(i: int) -> None:
+        try:
+            results[i] = shared.generate(requests[i], max_new_tokens=4, mode="blend")
+        except BaseException as e:  # reported below, with the request it came from
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    for i, (res, ref) in enumerate(zip(results, want)):
+        assert res.stats.cold_full and res.stats.misses == 2, (i, res.stats)
+        assert res.token_ids == ref, f"cold request {i} answered differently from full prefill"
+        units = list(shared.plan(requests[i][:-1], mode="reuse"))
+        assert all(shared.store.contains(u.key) for u in units), f"cold request {i} lost a chunk"
+    warm = shared.generate(requests[0], max_new_tokens=4, mode="blend")
+    assert not warm.stats.cold_full and warm.stats.misses == 0 and warm.stats.tokens_recomputed > 0
+
+
 def test_the_key_policy_is_the_only_place_keys_are_made():
     """Store keys are made by kdn_hf.plan.KeyPolicy only: nothing else in the library, its scripts or its
     integrations calls make_key (so the HF path, the SGLang adapter, bench and demo agree)."""
