@@ -257,7 +257,8 @@ def cmd_bench_store(args) -> int:
     rows = []
     for n_tok in (int(x) for x in _names(str(args.doc_tokens))):
         rows += run_delivery_bench(model, tok, codecs=codecs, stores=args.store, k=args.k, doc_tokens=n_tok,
-                                   reps=args.reps, questions=args.questions, log=lambda m: print(m, file=sys.stderr))
+                                   reps=args.reps, questions=args.questions, split=args.split,
+                                   log=lambda m: print(m, file=sys.stderr))
     print(format_table(rows))
     if args.json:
         write_json(rows, args.json, {k: v for k, v in vars(args).items() if k != "func"})
@@ -342,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=None,
                    help="QA questions for quality (0: timing only; default 50, with --codec 10)")
     p.add_argument("--split", default="test", choices=["dev", "test"],
-                   help="QA split of the method bench: test (reported figures, never tuned on) or dev (tuning)")
+                   help="QA split of the method and codec benches: test (reported figures, never tuned on) or dev "
+                        "(tuning)")
     p.add_argument("--tf-tokens", type=int, default=32,
                    help="most tokens of full prefill's greedy answer scored (it ends at end-of-sequence)")
     p.add_argument("--lead-in", default="none", choices=["none", "system"],
@@ -364,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="documents per prompt")
     p.add_argument("--doc-tokens", default="512", help="document length(s) in tokens, comma list")
     p.add_argument("--reps", type=int, default=5, help="repetitions per timing (median reported)")
-    p.add_argument("--questions", type=int, default=10, help="dev QA questions for the KL columns (0: none)")
+    p.add_argument("--questions", type=int, default=10, help="QA questions for the KL columns (0: none)")
+    p.add_argument("--split", default="test", choices=["dev", "test"],
+                   help="QA split: test (reported figures, never tuned on) or dev (tuning)")
     p.add_argument("--json", default=None, help="write rows + config as JSON here")
     p.add_argument("--store", action="append", default=None,
                    help="store URL or path to time (repeatable, one row per store; default: memory + temp disk)")

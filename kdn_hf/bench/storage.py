@@ -12,7 +12,7 @@ dict) with:
   passes over every entry of one prompt, after one untimed warm-up pass;
 - ``kl_vs_none``: mean first-token KL(reuse with uncompressed entries ||
   reuse with this codec), and ``kl_full_increase``: mean KL(full || codec) -
-  KL(full || uncompressed), both in nats, over ``--questions`` dev questions
+  KL(full || uncompressed), both in nats, over ``--questions`` questions of ``--split``
   (``_median`` / ``_max`` keys: their median and maximum; ``kl_questions``:
   how many);
 - ``ttft_ms``: median TTFT of ``reuse`` with every chunk stored (warm store:
@@ -138,22 +138,23 @@ def codec_quality(base, kdns: dict, qcases, log=print) -> dict[str, dict]:
 
 def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int = 4, doc_tokens: int = 512,
                        reps: int = 5, questions: int = 10, ingest_rounds: int = 2, decode_reps: int | None = None,
-                       log=print) -> list[dict]:
+                       split: str = "test", log=print) -> list[dict]:
     """Rows, one per (codec, store). ``stores``: URLs/paths (None: memory and a temp disk tier).
-    ``decode_reps``: timed decode passes (default ``max(reps, 5)``)."""
+    ``decode_reps``: timed decode passes (default ``max(reps, 5)``). ``split``: the QA split the prompts
+    come from ("test": reporting, "dev": tuning)."""
     from kdn_hf import KDN
     from kdn_hf.codec import check_codec
 
     codecs = [check_codec(c) for c in codecs]
     tmp = tempfile.TemporaryDirectory(prefix="kdn-bench-store-")
     stores = list(stores) if stores else ["memory://?budget=8GiB", str(Path(tmp.name) / "disk")]
-    cases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens)
+    cases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, split=split)
     if not cases:
         from kdn_hf.errors import ConfigError
 
-        raise ConfigError(f"no dev QA question fits documents cut to {doc_tokens} tokens")
+        raise ConfigError(f"no {split} QA question fits documents cut to {doc_tokens} tokens")
     case = cases[0]
-    qcases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=questions) if questions else []
+    qcases = rag_cases(tokenizer, k=k, doc_tokens=doc_tokens, limit=questions, split=split) if questions else []
     base = KDN(model, tokenizer, store="memory://?budget=4GiB")
     base.ingest([list(x) for x in case.context], progress=False)
     kdns = {codec: KDN(model, tokenizer, store="memory://?budget=1GiB", codec=codec) for codec in codecs}
@@ -201,7 +202,8 @@ def run_delivery_bench(model, tokenizer, *, codecs=CODECS, stores=None, k: int =
             hits = dict(res.stats.hits)
             ttft = statistics.median(ttfts)
             pc = per_codec[codec]
-            row = {"suite": "delivery", "k": k, "doc_tokens": doc_tokens, "context_tokens": res.stats.tokens_total,
+            row = {"suite": "delivery", "split": split, "k": k, "doc_tokens": doc_tokens,
+                   "context_tokens": res.stats.tokens_total,
                    "store": store_name, "codec": codec, "hits": hits, **pc,
                    "vs_fp16": (fp16 / pc["bytes_per_token"]) if fp16 else None, "ttft_ms": ttft * 1000,
                    "ingest_tok_s": n_tok / statistics.median(ingest_t),

@@ -127,6 +127,9 @@ def test_bench_store_is_an_alias_of_bench_codec():
     args = ap.parse_args(["bench", "--codec", "int4,entropy", "--store", "memory://", "--store", "/tmp/x"])
     assert args.func is cmd_bench and args.codec == "int4,entropy" and args.store == ["memory://", "/tmp/x"]
     assert ap.parse_args(["bench"]).codec is None  # no --codec: the method bench
+    # both report on the test split unless told otherwise
+    assert ap.parse_args(["bench-store"]).split == ap.parse_args(["bench", "--codec", "int4"]).split == "test"
+    assert ap.parse_args(["bench-store", "--split", "dev"]).split == "dev"
 
 
 @pytest.mark.slow
@@ -150,6 +153,7 @@ def test_bench_codec_reports_size_decode_kl_ttft_and_ingest(tmp_path, capsys):
         assert r["ingest_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["kl_questions"] == 2
         assert r["kl_full_increase_max"] >= r["kl_full_increase_median"] - 1e-12
         assert sum(r["hits"].values()) >= 2  # every unit of the timed prompt came from the store
+        assert r["split"] == "test"
     assert none["kl_vs_none"] == 0.0 and ent["kl_vs_none"] == pytest.approx(int4["kl_vs_none"], abs=1e-6)
     assert by["disk", "int4"]["vs_memory"] > 0
 
