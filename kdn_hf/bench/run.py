@@ -7,8 +7,10 @@ QA split ``--split`` (test: reported figures; dev: the tuning split), peak memor
 from one more untimed request per method (``kdn_hf.bench.memory``). Rows are
 printed as a table, written to ``--json`` and plotted to ``--plot``; new
 columns (store tier, codec, ...) are new keys of the same dicts. Each row with
-quality also carries ``per_question`` (answer, correct, EM, F1, KLs, top-1 per
-question) and ``flips`` against full prefill (question ids full answered and the
+quality also carries ``per_question`` (answer, correct, EM, F1, KLs, top-1 and
+recomputed layer share per question), ``quality_layer_share`` (their mean, the
+``q_layer%`` column: the work behind the quality figures, where ``layer%`` is
+the timed prompt's) and ``flips`` against full prefill (question ids full answered and the
 method did not: ``lost``; the reverse: ``gained``).
 
 Methods:
@@ -102,7 +104,11 @@ def at_layer_share(kdn, methods: list[Method], case: RagCase, share: float) -> l
     out: dict[str, Method] = {}
     for m in methods:
         if m.mode == "blend":
-            r = ratio_for_layer_share(get_selection(m.selection), layers, tokens, share)
+            sel = get_selection(m.selection)
+            if sel.adaptive:
+                raise ConfigError(f"selection {m.selection!r} sizes its own budget per request, so no ratio gives it "
+                                  f"a layer share in advance; bench it with --ratios (its ratio is the ceiling)")
+            r = ratio_for_layer_share(sel, layers, tokens, share)
             m = Method(f"blend@{r:.3f}/{m.selection}", "blend", r, m.selection)
         out.setdefault(m.label if m.mode != "blend" else f"blend/{m.selection}", m)
     return list(out.values())
@@ -185,9 +191,10 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
                                     query=list(case.suffix))
                 r = score(model, tok, cache, case.suffix, cont, case.answers, ref_logp=ref["logp"],
                           kl_tokens=kl_tokens, stop=stop)
+            share = 0.0 if m.mode == "full" else float(cache.stats.recompute_share)
             per[m.label].append({"qid": case.qid, "kind": case.kind, "question": case.question,
                                  "gold": list(case.answers), "answer": r["answer"],
-                                 **{k: float(r[k]) for k in MEASURES}})
+                                 **{k: float(r[k]) for k in MEASURES}, "recompute_share": share})
         if log:
             log(f"  quality {n + 1}/{len(cases)} [{case.kind}] full: {ref['answer'][:40]!r}")
     out = {}
@@ -199,7 +206,9 @@ def quality(kdn, methods: list[Method], cases: list[RagCase], tf_tokens: int, lo
                       "answer_kl_mean": statistics.fmean(col("answer_kl")),
                       "top1_agree": statistics.fmean(col("agree")), "answer_nll": statistics.fmean(col("nll")),
                       "accuracy": statistics.fmean(col("correct")), "em": statistics.fmean(col("em")),
-                      "f1": statistics.fmean(col("f1")), "n_questions": len(qs), "per_question": qs}
+                      "f1": statistics.fmean(col("f1")), "n_questions": len(qs), "per_question": qs,
+                      # the work behind these figures (an adaptive selection's varies per question)
+                      "quality_layer_share": statistics.fmean(col("recompute_share"))}
     if "full" in out:
         base = {q["qid"]: q["correct"] for q in out["full"]["per_question"]}
         for d in out.values():
@@ -221,6 +230,9 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
               layer_share: float | None = None, log=print) -> list[dict]:
     """Rows of results, one per (doc_tokens, method), on ``workload``'s split ``split``. See the module
     docstring."""
+    if timing_cases < 1 or reps < 1:
+        raise ConfigError(f"--timing-cases and --reps must be >= 1 (every row reports a median TTFT), got "
+                          f"{timing_cases} and {reps}; for a quick quality run use --timing-cases 1 --reps 1")
     rows = []
     asked = methods
     for n_tok in doc_tokens:
@@ -262,14 +274,15 @@ def run_bench(*, kdn, methods: list[Method], k: int = 4, doc_tokens=(512,), reps
 
 #: the quality keys of a row (None where the method has no quality measured)
 QUALITY_KEYS = ("kl_mean", "kl_median", "answer_kl_mean", "top1_agree", "answer_nll", "accuracy", "em", "f1",
-                "n_questions", "flips", "per_question")
+                "n_questions", "flips", "per_question", "quality_layer_share")
 
 COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
            ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7),
-           ("recompute_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8), ("peak_mem_bytes", "{:.0f}", 8),
+           ("recompute_share", "{:.1%}", 7), ("quality_layer_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8), ("peak_mem_bytes", "{:.0f}", 8),
            ("kl_mean", "{:.4f}", 8), ("answer_kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7),
            ("answer_nll", "{:.3f}", 7), ("accuracy", "{:.1%}", 7), ("em", "{:.1%}", 6), ("f1", "{:.1%}", 6)]
 HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp", "recompute_share": "layer%",
+           "quality_layer_share": "q_layer%",
            "bytes_loaded": "MiB_load", "peak_mem_bytes": "MiB_peak", "kl_mean": "KL", "answer_kl_mean": "ansKL",
            "top1_agree": "top1", "answer_nll": "ans_NLL", "accuracy": "acc", "em": "EM", "f1": "F1"}
 
@@ -314,13 +327,16 @@ def plot(rows: list[dict], path: str) -> None:
     for label in labels:
         rs = sorted((r for r in rows if r["method"] == label), key=lambda r: r["context_tokens"])
         x = [r["context_tokens"] for r in rs]
-        a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label)
-        if all(r.get("kl_mean") is not None for r in rs):
-            a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label)
+        a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label, color=f"C{labels.index(label)}")
+        # exact methods (KL 0: full, prefix) have no point on a log scale: named in the title instead
+        if all(r.get("kl_mean") is not None for r in rs) and any(r["kl_mean"] > 0 for r in rs):
+            a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label, color=f"C{labels.index(label)}")
         if memory and all(r.get("peak_mem_bytes") is not None for r in rs):
-            axes[2].plot(x, [r["peak_mem_bytes"] / 2**20 for r in rs], "o-", label=label)
+            axes[2].plot(x, [r["peak_mem_bytes"] / 2**20 for r in rs], "o-", label=label, color=f"C{labels.index(label)}")
     a1.set(xlabel="context tokens", ylabel="TTFT (ms, median)", title="time to first token")
-    a2.set(xlabel="context tokens", ylabel="first-token KL vs full (nats)", title="quality", yscale="log")
+    exact = [lb for lb in labels if all(r.get("kl_mean") == 0 for r in rows if r["method"] == lb)]
+    a2.set(xlabel="context tokens", ylabel="first-token KL vs full (nats)", yscale="log",
+           title="quality" + (f" ({', '.join(exact)}: KL 0, exact)" if exact else ""))
     if memory:
         axes[2].set(xlabel="context tokens", ylabel="peak memory growth (MiB)", title="memory per request")
     for a in axes:

@@ -10,6 +10,7 @@
 from kdn_hf.blend.recompute import RecomputeResult, causal_mask, recompute
 from kdn_hf.blend.selection import (
     SELECTIONS,
+    AdaptiveKDNSelection,
     CacheBlendSelection,
     KDNSelection,
     OneShotCacheBlendSelection,
@@ -27,6 +28,7 @@ DEFAULT_SELECTION = "kdn"
 
 __all__ = [
     "DEFAULT_SELECTION",
+    "AdaptiveKDNSelection",
     "SELECTIONS",
     "CacheBlendSelection",
     "KDNSelection",

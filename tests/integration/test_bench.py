@@ -116,7 +116,21 @@ def test_bench_cli_writes_table_json_and_plot(tmp_path, capsys):
     assert "EM" in table and "ansKL" in table
     assert rows[3]["tokens_recomputed"] > 0 and rows[3]["kl_mean"] is not None
     assert reuse["recompute_share"] == 0.0 and 0.0 < rows[3]["recompute_share"] <= rows[4]["recompute_share"]
+    # the quality question's work: the same prompt as the timed one here (one case)
+    assert [r["quality_layer_share"] for r in rows[2:]] == pytest.approx([r["recompute_share"] for r in rows[2:]])
+    assert "q_layer%" in table
     assert out_png.stat().st_size > 1000
+
+
+def test_bench_refuses_no_timing_and_an_adaptive_selection_at_equal_work(capsys):
+    """Every row reports a median TTFT, so no timed prompt is a clear error, not a crash; an adaptive
+    selection sizes its budget per request, so ``--layer-share`` (a ratio fixed in advance) refuses it."""
+    base = ["bench", "--methods", "full,blend", "--k", "2", "--doc-tokens", "48", "--questions", "0",
+            "--store", "memory://"]
+    assert main(base + ["--timing-cases", "0"]) == 2
+    assert "--timing-cases and --reps must be >= 1" in capsys.readouterr().err
+    assert main(base + ["--reps", "1", "--timing-cases", "1", "--selection", "kdn-adaptive", "--layer-share", "0.1"]) == 2
+    assert "sizes its own budget" in capsys.readouterr().err
 
 
 def test_bench_store_is_an_alias_of_bench_codec():

@@ -111,6 +111,9 @@ def test_layer_rows_are_the_selections_schedule_and_the_paper_cacheblend_filters
     res = recompute(model, kv, ids, spans[:-1], 0.15, sel, query_rows=q_rows)
     assert (kv - exact).abs().max().item() <= 1e-4
     budget = round(0.15 * C)
+    if sel.adaptive:  # its own budget, at most the request's
+        assert 0 < res.selected.numel() <= budget
+        budget = res.selected.numel()
     assert res.layer_rows == sel.rows_per_layer(L, C, budget, query_known=True)
     if selection == "cacheblend":
         steps = [res.layer_rows[i] for i in (1, *(j + 1 for j in sel.narrow_layers(L)))]

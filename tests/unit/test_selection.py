@@ -7,6 +7,7 @@ import torch
 
 from kdn_hf.blend import (
     SELECTIONS,
+    AdaptiveKDNSelection,
     CacheBlendSelection,
     KDNSelection,
     SelectionInput,
@@ -149,3 +150,36 @@ def test_kdn_selection_narrows_at_fractions_of_the_depth():
     r = KDNSelection().rows_per_layer(30, 1000, 150)
     assert r[:5] == (150,) * 5 and r[5] == round(150 * 0.85) and r[-1] < 150 // 2
     assert KDNSelection().rows_per_layer(30, 1000, 150, query_known=False)[0] == 1000  # probe: layer 0 fresh
+
+
+def _query_input(score: list[float], budget: int, layers: int = 3) -> SelectionInput:
+    """A SelectionInput whose question attention averages to ``score`` over ``layers`` layers (the
+    layers differ, their mean does not)."""
+    s = torch.tensor(score)
+    tilt = torch.linspace(-1, 1, layers)[:, None] * 0.1 * s  # sums to 0 over layers
+    att = (s[None] + tilt)[:, None, :]  # [layers, 1, tokens]
+    zeros = torch.zeros(len(score))
+    return SelectionInput(zeros, zeros, ((0, len(score)),), budget, att)
+
+
+def test_adaptive_kdn_takes_the_fewest_top_tokens_holding_the_coverage_at_most_the_budget():
+    score = [0.02, 0.40, 0.05, 0.30, 0.03, 0.10, 0.06, 0.04]  # sums to 1
+    inp = _query_input(score, budget=6)
+    # 0.40 + 0.30 + 0.10 = 0.80 < 0.85 <= 0.80 + 0.06: four tokens, in slot order
+    assert AdaptiveKDNSelection(coverage=0.85).select(inp).tolist() == [1, 3, 5, 6]
+    assert AdaptiveKDNSelection(coverage=0.80).select(inp).tolist() == [1, 3, 5]  # exactly reached: 3
+    assert AdaptiveKDNSelection(coverage=0.3).select(inp).tolist() == [1]
+    # the ratio is a ceiling: coverage 0.99 needs 7 tokens, the budget allows 6 (kdn's own pick)
+    assert AdaptiveKDNSelection(coverage=0.99).select(inp).tolist() == KDNSelection().select(inp).tolist()
+    assert AdaptiveKDNSelection(coverage=1.0).select(inp).numel() == 6
+    # ratio 1 (budget = every token) recomputes every token: exact, as every strategy
+    assert AdaptiveKDNSelection(coverage=0.3).select(_query_input(score, budget=8)).tolist() == list(range(8))
+    # without the question: kdn's deviation ranking with the whole budget
+    plain = _input()
+    assert torch.equal(AdaptiveKDNSelection().select(plain), KDNSelection().select(plain))
+    # forced sink tokens count: never fewer than them
+    two = SelectionInput(inp.dev_k, inp.dev_v, ((0, 4), (4, 8)), 6, inp.query_attention)
+    assert AdaptiveKDNSelection(coverage=0.3, sink_tokens=2).select(two).tolist() == [4, 5]
+    assert get_selection("kdn-adaptive").adaptive and not get_selection("kdn").adaptive
+    with pytest.raises(ConfigError, match="coverage"):
+        AdaptiveKDNSelection(coverage=0.0)
