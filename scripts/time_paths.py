@@ -8,7 +8,8 @@ cold reuse/blend (empty store), against full prefill, on the bench's rag prompts
 Methods take turns within each repetition (a change in machine load hits all of them); the figures are
 medians over cases x reps of the TTFT (wall clock, ``stats.ttft_s``) and of the CPU time the process
 spent in the request up to its answer (the store-back after the answer left out): on a shared machine
-the CPU time is the steadier measure of the work. Cold methods get a fresh memory store per request;
+the CPU time is the steadier measure of the work. The paired line divides full's TTFT by the method's
+within each repetition (the two ran back to back) and gives the median, range and how many were >= 1. Cold methods get a fresh memory store per request;
 prefix gets a store warm for the opener and the system prompt only (as ``kdn bench``). ``-old`` runs
 the code before the change for comparison in the same run: ``prefix-old`` the suffix through the
 model's masked forward, a stacked copy and no reserved room; ``reuse-cold-old`` / ``blend-cold-old``
@@ -133,6 +134,14 @@ def main() -> None:
         w, c = statistics.median(wall[m]), statistics.median(cpu[m])
         ratio = f"  {f_wall / w:5.2f}x full (wall)  {f_cpu / c:5.2f}x full (CPU)" if f_wall else ""
         print(f"  {m:16s} TTFT {w * 1000:8.1f} ms  CPU {c * 1000:8.1f} ms{ratio}")
+    if "full" in wall:  # per repetition: full's TTFT over the method's in the same turn (drifting load cancels)
+        print("paired (full / method, the same repetition): median [min, max], repetitions at >= 1.0")
+        for m in methods:
+            if m == "full":
+                continue
+            pairs = sorted(f / x for f, x in zip(wall["full"], wall[m]))
+            print(f"  {m:16s} {statistics.median(pairs):5.2f}x  [{pairs[0]:.2f}, {pairs[-1]:.2f}]  "
+                  f"{sum(p >= 1.0 for p in pairs)}/{len(pairs)}")
 
 
 if __name__ == "__main__":
