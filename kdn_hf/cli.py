@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-ratio", type=float, default=0.15, help="blend: fraction of tokens recomputed")
     p.add_argument("--selection", default="kdn",
                    help="blend: token selection strategy (kdn: question-aware, the default; cacheblend: the paper's "
-                        "gradual filtering; cacheblend-oneshot: LMCache's)")
+                        "gradual filtering; cacheblend-oneshot: LMCache's; kdn-adaptive: kdn recomputing only what "
+                        "holds 90%% of the question's attention, the ratio as a ceiling)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=512, help="chunk size used when the docs were ingested")
     p.add_argument("--json", action="store_true", help="print the answer and stats as JSON")
