@@ -278,7 +278,8 @@ QUALITY_KEYS = ("kl_mean", "kl_median", "answer_kl_mean", "top1_agree", "answer_
 
 COLUMNS = [("method", "{}", 24), ("doc_tokens", "{}", 6), ("context_tokens", "{}", 7), ("ttft_ms", "{:.0f}", 8),
            ("speedup", "{:.2f}x", 8), ("tokens_recomputed", "{}", 7),
-           ("recompute_share", "{:.1%}", 7), ("quality_layer_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8), ("peak_mem_bytes", "{:.0f}", 8),
+           ("recompute_share", "{:.1%}", 7), ("quality_layer_share", "{:.1%}", 7), ("bytes_loaded", "{:.1f}", 8),
+           ("peak_mem_bytes", "{:.0f}", 8),
            ("kl_mean", "{:.4f}", 8), ("answer_kl_mean", "{:.4f}", 8), ("top1_agree", "{:.1%}", 7),
            ("answer_nll", "{:.3f}", 7), ("accuracy", "{:.1%}", 7), ("em", "{:.1%}", 6), ("f1", "{:.1%}", 6)]
 HEADERS = {"doc_tokens": "doc_tok", "context_tokens": "ctx_tok", "tokens_recomputed": "recomp", "recompute_share": "layer%",
@@ -327,12 +328,13 @@ def plot(rows: list[dict], path: str) -> None:
     for label in labels:
         rs = sorted((r for r in rows if r["method"] == label), key=lambda r: r["context_tokens"])
         x = [r["context_tokens"] for r in rs]
-        a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label, color=f"C{labels.index(label)}")
+        color = f"C{labels.index(label)}"  # one colour per method in every panel
+        a1.plot(x, [r["ttft_ms"] for r in rs], "o-", label=label, color=color)
         # exact methods (KL 0: full, prefix) have no point on a log scale: named in the title instead
         if all(r.get("kl_mean") is not None for r in rs) and any(r["kl_mean"] > 0 for r in rs):
-            a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label, color=f"C{labels.index(label)}")
+            a2.plot(x, [max(r["kl_mean"], 1e-6) for r in rs], "o-", label=label, color=color)
         if memory and all(r.get("peak_mem_bytes") is not None for r in rs):
-            axes[2].plot(x, [r["peak_mem_bytes"] / 2**20 for r in rs], "o-", label=label, color=f"C{labels.index(label)}")
+            axes[2].plot(x, [r["peak_mem_bytes"] / 2**20 for r in rs], "o-", label=label, color=color)
     a1.set(xlabel="context tokens", ylabel="TTFT (ms, median)", title="time to first token")
     exact = [lb for lb in labels if all(r.get("kl_mean") == 0 for r in rows if r["method"] == lb)]
     a2.set(xlabel="context tokens", ylabel="first-token KL vs full (nats)", yscale="log",

@@ -283,10 +283,13 @@ class KDNSelection(Selection):
         chunk's first ``sink_tokens`` tokens set to +inf (taken first)."""
         q = self.query_score(inp)
         score = (q if q is not None else inp.dev_k + inp.dev_v).clone()
-        sinks = [torch.arange(s, min(e, s + self.sink_tokens)) for s, e in inp.spans if s > 0]
-        forced = torch.cat(sinks)[: inp.budget] if sinks else torch.zeros(0, dtype=torch.long)
-        score[forced] = float("inf")
+        score[self.sink_slots(inp)] = float("inf")
         return score
+
+    def sink_slots(self, inp: SelectionInput) -> torch.Tensor:
+        """[n] int64: each later chunk's first ``sink_tokens`` slots (taken first), at most the budget."""
+        sinks = [torch.arange(s, min(e, s + self.sink_tokens)) for s, e in inp.spans if s > 0]
+        return torch.cat(sinks)[: inp.budget] if sinks else torch.zeros(0, dtype=torch.long)
 
     def select(self, inp: SelectionInput) -> torch.Tensor:
         return _top(self.ranking_score(inp), inp.budget)
@@ -322,8 +325,7 @@ class AdaptiveKDNSelection(KDNSelection):
             return inp.budget
         mass = torch.sort(q, descending=True, stable=True).values.cumsum(0)
         need = int((mass < self.coverage * float(mass[-1])).sum()) + 1
-        forced = sum(min(e - s, self.sink_tokens) for s, e in inp.spans if s > 0)
-        return max(1, min(inp.budget, max(need, forced)))
+        return max(1, min(inp.budget, max(need, self.sink_slots(inp).numel())))
 
     def select(self, inp: SelectionInput) -> torch.Tensor:
         return _top(self.ranking_score(inp), self.budget_for(inp))
